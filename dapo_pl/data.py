@@ -1,0 +1,182 @@
+"""Prompt datasets: local jsonl / parquet files, saved ``datasets`` folders, or ``datasets`` hub names.
+
+Each row becomes a :class:`PromptRecord` (prompt text after the template, reference answer). Field names may be
+dotted paths into nested rows (DAPO-Math-17k keeps its answer in ``reward_model.ground_truth``). Bad rows fail
+with the file and line (or row) that is wrong; nothing is silently skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class DataError(ValueError):
+    """A dataset row or file that cannot be used, with where it is."""
+
+
+@dataclass(frozen=True)
+class PromptDataConfig:
+    """Where prompts come from and how they become model input.
+
+    Attributes:
+        path: a ``.jsonl``/``.json`` or ``.parquet`` file, a folder written by ``datasets.save_to_disk``, or a
+            name/folder for ``datasets.load_dataset`` (needs the ``datasets`` extra and, for hub names, network).
+        prompt_field: field (dotted path allowed) holding the prompt: a string, or a list of chat messages
+            (``[{"role": ..., "content": ...}]``), which the tokenizer's chat template renders.
+        answer_field: field (dotted path allowed) holding the reference answer given to the verifiers.
+        template: Python format string applied to string prompts; ``{prompt}`` is the prompt, and any other
+            top-level field of the row can be named too.
+        split: split for ``datasets`` sources.
+        limit: use only the first ``limit`` rows (None: all).
+    """
+
+    path: str
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    template: str = "{prompt}"
+    split: str = "train"
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """One prompt: ``prompt`` is a rendered string or a list of chat messages; ``where`` names its source row."""
+
+    prompt: str | list[dict[str, str]]
+    reference: str
+    where: str
+
+
+def _get(row: Mapping[str, Any], dotted: str) -> Any:
+    value: Any = row
+    for part in dotted.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            raise KeyError(dotted)
+        value = value[part]
+    return value
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
+
+
+def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        yield from _iter_jsonl(path)  # many ".json" datasets are really JSON lines
+        return
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: expected a JSON list of rows (or JSON lines), got {type(rows).__name__}")
+    for i, row in enumerate(rows):
+        yield f"{path}[{i}]", row
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    for i, row in enumerate(table.to_pylist()):
+        yield f"{path} row {i}", row
+
+
+def _iter_datasets(source: str, split: str) -> Iterator[tuple[str, Any]]:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise DataError(
+            f"{source!r} is not a .jsonl/.json/.parquet file; loading it needs the `datasets` package "
+            "(pip install 'dapo-pl[datasets]')"
+        ) from exc
+    path = Path(source)
+    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[split]
+    else:
+        ds = datasets.load_dataset(source, split=split)
+    for i, row in enumerate(ds):
+        yield f"{source}[{split}] row {i}", row
+
+
+def iter_rows(path: str, split: str = "train") -> Iterator[tuple[str, Any]]:
+    """``(where, row)`` pairs from any supported source; ``where`` is a file:line or row locator for errors."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix in {".jsonl", ".json", ".parquet"} and not p.exists():
+        raise DataError(f"dataset file not found: {path}")
+    if suffix == ".jsonl":
+        return _iter_jsonl(p)
+    if suffix == ".json":
+        return _iter_json(p)
+    if suffix == ".parquet":
+        return _iter_parquet(p)
+    return _iter_datasets(path, split)
+
+
+def _template_fields(template: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+
+
+def _record(where: str, row: Any, cfg: PromptDataConfig) -> PromptRecord:
+    if not isinstance(row, Mapping):
+        raise DataError(f"{where}: expected an object with fields, got {type(row).__name__}")
+    fields = ", ".join(sorted(row)) or "none"
+    for name in (cfg.prompt_field, cfg.answer_field):
+        try:
+            _get(row, name)
+        except KeyError:
+            raise DataError(f"{where}: no field {name!r} (the row has: {fields})") from None
+    prompt, answer = _get(row, cfg.prompt_field), _get(row, cfg.answer_field)
+    if answer is None or (isinstance(answer, str) and not answer.strip()):
+        raise DataError(f"{where}: the answer field {cfg.answer_field!r} is empty")
+    if isinstance(prompt, str):
+        missing = _template_fields(cfg.template) - {"prompt"} - set(row)
+        if missing:
+            raise DataError(f"{where}: template {cfg.template!r} names missing field(s) {sorted(missing)}")
+        prompt = cfg.template.format(**{**row, "prompt": prompt})
+    elif not (isinstance(prompt, list) and all(isinstance(m, Mapping) and "content" in m for m in prompt)):
+        raise DataError(
+            f"{where}: field {cfg.prompt_field!r} must be a string or a list of chat messages "
+            f"({{'role', 'content'}}), got {type(prompt).__name__}"
+        )
+    else:
+        prompt = [dict(m) for m in prompt]
+    return PromptRecord(prompt=prompt, reference=str(answer), where=where)
+
+
+def load_prompts(cfg: PromptDataConfig) -> list[PromptRecord]:
+    """Every prompt of ``cfg`` (up to ``cfg.limit``), validated; raises :class:`DataError` naming a bad row."""
+    records = []
+    for where, row in iter_rows(cfg.path, cfg.split):
+        if cfg.limit is not None and len(records) >= cfg.limit:
+            break
+        records.append(_record(where, row, cfg))
+    if not records:
+        raise DataError(f"{cfg.path}: no prompts found")
+    return records
+
+
+def render_prompt(record: PromptRecord, tokenizer: Any) -> list[int]:
+    """Token ids of a prompt: chat messages through the tokenizer's chat template, strings as they are."""
+    if isinstance(record.prompt, str):
+        return list(tokenizer(record.prompt, add_special_tokens=False)["input_ids"])
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{record.where}: the prompt is a list of chat messages but the tokenizer has no chat template")
+    ids = tokenizer.apply_chat_template(record.prompt, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, Mapping):  # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)

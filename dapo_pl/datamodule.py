@@ -1,0 +1,334 @@
+"""``DAPODataModule``: online rollouts, rewards and dynamic sampling, producing one :class:`RolloutBatch` per step.
+
+Rollouts are strictly on-policy: the train "dataloader" is a lazy stream and the LightningModule pulls the next
+batch from ``training_step`` (``dataloader_iter``), i.e. after the previous step's updates were applied; Lightning's
+one-batch prefetch of iterable datasets would otherwise generate with weights one update old (PLATFORM.md).
+The exception is documented: groups kept beyond a step's need are carried over (``dynamic_sampling.carry_over``)
+and trained on in the next step; their engine log-probs are dropped so they never count as an engine mismatch.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from dapo_pl.batch import RolloutBatch
+from dapo_pl.data import PromptDataConfig, PromptRecord, load_prompts, render_prompt
+from dapo_pl.engines import Completion, RolloutEngine, SamplingConfig, build_engine
+from dapo_pl.objective import group_advantages
+from dapo_pl.rewards import RewardConfig, RewardFunction
+from dapo_pl.sampling import FillStats, GroupBuffer, fill_batch, group_keep_mask
+from dapo_pl.verification import Sample
+
+
+@dataclass(frozen=True)
+class DynamicSamplingConfig:
+    """DAPO's dynamic sampling (Sec. 3.2).
+
+    Attributes:
+        enabled: drop groups whose responses are all right or all wrong and refill.
+        max_num_gen_batches: at most this many generation batches per step (0: unbounded, risky).
+        on_exhausted: when the bound is hit with too few groups: ``train`` on what there is (logged in
+            ``train/num_gen_batches`` and ``train/ds_exhausted``) or ``raise``.
+        carry_over: keep surplus kept groups for the next step instead of discarding them.
+        gen_batch_prompts: prompts per generation batch (None: ``prompts_per_step``).
+    """
+
+    enabled: bool = True
+    max_num_gen_batches: int = 4
+    on_exhausted: Literal["train", "raise"] = "train"
+    carry_over: bool = True
+    gen_batch_prompts: int | None = None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The rollout engine: ``transformers`` (shares the trainer's module) or ``vllm``; ``options`` go to it."""
+
+    name: str = "transformers"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Group:
+    """One prompt's G responses with their scores; ``fresh`` is False once carried over to a later step."""
+
+    record: PromptRecord
+    prompt_ids: list[int]
+    completions: list[Completion]
+    rewards: list[float]
+    correct: list[bool]
+    fresh: bool = True
+
+
+class _RolloutStream:
+    """An endless iterable whose ``next`` generates a rollout batch at that moment (never ahead)."""
+
+    def __init__(self, dm: DAPODataModule) -> None:
+        self.dm = dm
+
+    def __iter__(self) -> Iterator[RolloutBatch]:
+        while True:
+            yield self.dm.next_rollout_batch()
+
+
+class DAPODataModule(L.LightningDataModule):
+    """Prompts in, rollout batches out: generation, rewards, dynamic sampling and group advantages.
+
+    Args:
+        train: training prompts.
+        val: validation prompts (None: no validation).
+        model_name_or_path: the policy (linked from ``model.model_name_or_path`` by the CLI); its tokenizer is used.
+        prompts_per_step: groups (prompts) per training step; each has ``rollout.n`` responses.
+        rollout: sampling for training (``n`` is the group size G).
+        val_rollout: sampling for validation (``n`` is K of avg@K / pass@K).
+        val_batch_prompts: validation prompts per generation call.
+        reward: which verifiers decide correctness and add shaping.
+        dynamic_sampling: DAPO's group filter and refill bound.
+        engine: the rollout engine.
+        scale_adv_by_std: divide advantages by the group std (GRPO/DAPO); False gives ``r - mean`` (Dr. GRPO).
+        seed: shuffling seed of the prompt stream.
+    """
+
+    def __init__(
+        self,
+        train: PromptDataConfig,
+        val: PromptDataConfig | None = None,
+        model_name_or_path: str = "",
+        prompts_per_step: int = 16,
+        rollout: SamplingConfig = SamplingConfig(),
+        val_rollout: SamplingConfig = SamplingConfig(n=4),
+        val_batch_prompts: int = 64,
+        reward: RewardConfig = RewardConfig(),
+        dynamic_sampling: DynamicSamplingConfig = DynamicSamplingConfig(),
+        engine: EngineConfig = EngineConfig(),
+        scale_adv_by_std: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if prompts_per_step < 1:
+            raise ValueError(f"prompts_per_step must be >= 1, got {prompts_per_step}")
+        if dynamic_sampling.enabled and rollout.n < 2:
+            raise ValueError(
+                f"dynamic sampling needs groups of at least 2 responses (rollout.n = {rollout.n}): a group of one "
+                "always has zero variance and would be filtered; raise rollout.n or set dynamic_sampling.enabled: false"
+            )
+        if dynamic_sampling.max_num_gen_batches < 0:
+            raise ValueError(f"max_num_gen_batches must be >= 0, got {dynamic_sampling.max_num_gen_batches}")
+        self.train_cfg, self.val_cfg = train, val
+        self.model_name_or_path = model_name_or_path
+        self.prompts_per_step = prompts_per_step
+        self.rollout, self.val_rollout = rollout, val_rollout
+        self.val_batch_prompts = val_batch_prompts
+        self.reward_cfg, self.ds = reward, dynamic_sampling
+        self.engine_cfg = engine
+        self.scale_adv_by_std = scale_adv_by_std
+        self.seed = seed
+        self.tokenizer: Any = None
+        self.engine: RolloutEngine | None = None
+        self.reward_fn: RewardFunction | None = None
+        self.buffer: GroupBuffer[Group] = GroupBuffer()
+        self._train: list[PromptRecord] = []
+        self._val: list[PromptRecord] = []
+        self._order: list[int] = []
+        self._cursor = 0
+        self._epoch = 0
+        self._gen_calls = 0
+
+    # ---- set-up -------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self.tokenizer is None:
+            from transformers import AutoTokenizer
+
+            if not self.model_name_or_path:
+                raise ValueError("data.model_name_or_path is empty (the CLI links it from model.model_name_or_path)")
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_name_or_path)
+        if stage == "fit" and not self._train:
+            self._train = load_prompts(self.train_cfg)
+        if self.val_cfg is not None and not self._val:
+            self._val = load_prompts(self.val_cfg)
+        if self.reward_fn is None:
+            self.reward_fn = RewardFunction(self.reward_cfg)
+        if self.engine is None:
+            self.engine = build_engine(self.engine_cfg.name, self.model_name_or_path, self.tokenizer, self.engine_cfg.options)
+
+    def teardown(self, stage: str) -> None:
+        if self.reward_fn is not None and stage == "fit":
+            self.reward_fn.close()
+            self.reward_fn = None
+
+    def train_dataloader(self) -> Any:
+        return _RolloutStream(self)
+
+    def val_dataloader(self) -> Any:
+        if not self._val:
+            return []
+        return DataLoader(self._val, batch_size=self.val_batch_prompts, shuffle=False, collate_fn=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        # The carry-over buffer is not saved: after a resume the first step samples afresh.
+        return {"order": self._order, "cursor": self._cursor, "epoch": self._epoch, "gen_calls": self._gen_calls}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._order, self._cursor = list(state["order"]), int(state["cursor"])
+        self._epoch, self._gen_calls = int(state["epoch"]), int(state["gen_calls"])
+
+    # ---- rollouts -----------------------------------------------------------------------------------------
+    def _policy(self) -> torch.nn.Module:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        policy = getattr(module, "policy", None)
+        if policy is None:
+            raise RuntimeError("the LightningModule has no `policy` model to generate with")
+        return policy
+
+    def _next_prompts(self, count: int) -> list[PromptRecord]:
+        out = []
+        while len(out) < count:
+            if self._cursor >= len(self._order):
+                rng = random.Random(self.seed + self._epoch)
+                self._order = rng.sample(range(len(self._train)), len(self._train))
+                self._cursor, self._epoch = 0, self._epoch + 1
+            out.append(self._train[self._order[self._cursor]])
+            self._cursor += 1
+        return out
+
+    def generate_groups(self, records: list[PromptRecord], params: SamplingConfig) -> tuple[list[Group], float, float]:
+        """Generate and score ``params.n`` responses for each record; returns groups, rollout and reward seconds."""
+        assert self.engine is not None and self.reward_fn is not None
+        prompt_ids = [self._prompt_ids(r) for r in records]
+        t0 = time.perf_counter()
+        completions = self.engine.generate(prompt_ids, params, seed=params.seed + self._gen_calls)
+        self._gen_calls += 1
+        t1 = time.perf_counter()
+        samples = [
+            Sample(
+                response=c.text,
+                reference=r.reference,
+                prompt=r.prompt if isinstance(r.prompt, str) else str(r.prompt),
+                response_length=len(c.token_ids),
+                max_response_length=params.max_new_tokens,
+                truncated=c.truncated,
+            )
+            for r, cs in zip(records, completions, strict=True)
+            for c in cs
+        ]
+        scores = self.reward_fn(samples)
+        t2 = time.perf_counter()
+        n = params.n
+        groups = [
+            Group(
+                record=r,
+                prompt_ids=p,
+                completions=cs,
+                rewards=[s.reward for s in scores[i * n : (i + 1) * n]],
+                correct=[s.correct for s in scores[i * n : (i + 1) * n]],
+            )
+            for i, (r, p, cs) in enumerate(zip(records, prompt_ids, completions, strict=True))
+        ]
+        return groups, t1 - t0, t2 - t1
+
+    def _prompt_ids(self, record: PromptRecord) -> list[int]:
+        ids = render_prompt(record, self.tokenizer)
+        if not ids:
+            raise ValueError(f"{record.where}: the prompt is empty after tokenization")
+        return ids
+
+    def next_rollout_batch(self) -> RolloutBatch:
+        """Sync weights, then sample, score and filter until the step's groups are there; build the batch."""
+        assert self.engine is not None
+        self.engine.sync_weights(self._policy())
+        generated: list[Group] = []
+        timing = {"rollout": 0.0, "reward": 0.0}
+        gen_prompts = self.ds.gen_batch_prompts or self.prompts_per_step
+
+        def generate() -> list[Group]:
+            groups, t_gen, t_rew = self.generate_groups(self._next_prompts(gen_prompts), self.rollout)
+            timing["rollout"] += t_gen
+            timing["reward"] += t_rew
+            generated.extend(groups)
+            return groups
+
+        def keep(groups: list[Group]) -> list[bool]:
+            if not self.ds.enabled:
+                return [True] * len(groups)
+            return group_keep_mask(torch.tensor([g.correct for g in groups])).tolist()
+
+        if not self.ds.carry_over:
+            self.buffer = GroupBuffer()
+        groups, stats = fill_batch(
+            self.buffer,
+            self.prompts_per_step,
+            generate,
+            keep,
+            max_num_gen_batches=self.ds.max_num_gen_batches if self.ds.enabled else 1,
+            on_exhausted=self.ds.on_exhausted,
+        )
+        # Surplus groups wait one step at most: sampled with weights one update old, they are not kept longer.
+        carried = [g for g in self.buffer.state() if g.fresh]
+        self.buffer = GroupBuffer()
+        for g in carried:
+            g.fresh = False
+        self.buffer.add(carried)
+        metrics = _rollout_metrics(generated, groups, stats, timing)
+        return build_rollout_batch(groups, self.rollout.temperature, self.scale_adv_by_std, metrics)
+
+    def validation_correctness(self, records: list[PromptRecord]) -> torch.Tensor:
+        """Correctness ``[P, K]`` of ``val_rollout.n`` samples for each record, with the current policy."""
+        assert self.engine is not None
+        self.engine.sync_weights(self._policy())
+        groups, _, _ = self.generate_groups(records, self.val_rollout)
+        return torch.tensor([g.correct for g in groups], dtype=torch.bool)
+
+
+def build_rollout_batch(groups: list[Group], temperature: float, scale_by_std: bool, metrics: dict[str, float]) -> RolloutBatch:
+    """Flatten kept groups into a :class:`RolloutBatch` with group-relative advantages."""
+    sequences, prompt_lengths, truncated, engine_lps = [], [], [], []
+    for g in groups:
+        for c in g.completions:
+            sequences.append(torch.tensor(g.prompt_ids + c.token_ids, dtype=torch.long))
+            prompt_lengths.append(len(g.prompt_ids))
+            truncated.append(c.truncated)
+            fresh_lp = c.logprobs is not None and g.fresh
+            engine_lps.append(torch.tensor(c.logprobs, dtype=torch.float32) if fresh_lp else None)
+    if groups:
+        rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float64)  # [num_groups, G]
+        advantages = group_advantages(rewards, scale_by_std=scale_by_std).flatten().float()  # [B]
+    else:
+        advantages = torch.zeros(0)
+    return RolloutBatch(
+        sequences=sequences,
+        prompt_lengths=prompt_lengths,
+        advantages=advantages,
+        truncated=torch.tensor(truncated, dtype=torch.bool),
+        rollout_logprobs=engine_lps,
+        temperature=temperature,
+        metrics=metrics,
+    )
+
+
+def _rollout_metrics(generated: list[Group], kept: list[Group], stats: FillStats, timing: dict[str, float]) -> dict[str, float]:
+    """Metrics over every response generated this step (``acc`` etc.) and over the groups trained on."""
+    metrics = {
+        "train/num_gen_batches": float(stats.num_gen_batches),
+        "train/ds_exhausted": float(stats.exhausted),
+        "train/num_groups": float(len(kept)),
+        "train/carried_group_frac": sum(not g.fresh for g in kept) / max(len(kept), 1),
+        "time/rollout_s": timing["rollout"],
+        "time/reward_s": timing["reward"],
+    }
+    if generated:  # a step served entirely from carried-over groups generated nothing to describe
+        rewards = [r for g in generated for r in g.rewards]
+        count = len(rewards)
+        metrics["train/reward_mean"] = sum(rewards) / count
+        metrics["train/acc"] = sum(c for g in generated for c in g.correct) / count
+        metrics["train/response_length_mean"] = sum(len(c.token_ids) for g in generated for c in g.completions) / count
+        metrics["train/truncated_frac"] = sum(c.truncated for g in generated for c in g.completions) / count
+        metrics["train/kept_group_frac"] = stats.kept_group_frac
+    return metrics

@@ -1,0 +1,291 @@
+"""``DAPOModule``: the DAPO update as a LightningModule with manual optimization.
+
+One ``training_step`` = one rollout batch (pulled from ``dataloader_iter`` so it is generated with the current
+weights) -> old log-probs -> ``ppo_epochs x mini-batches`` optimizer steps, each mini-batch in micro-batches under
+a token budget, with ONE token-mean denominator per optimizer step (all micro-batches, all ranks; see
+:func:`dapo_pl.objective.token_mean_denominator`). Overlong filtering zeroes truncated responses' loss mask, which
+also removes their tokens from that denominator. Gradient clipping, warm-up and stepping are explicit here because
+Lightning's automatic optimization cannot run several optimizer steps per batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from dapo_pl.batch import MicroBatch, RolloutBatch
+from dapo_pl.objective import AGGREGATIONS, token_mean_denominator
+from dapo_pl.update import accumulate_gradients, cut_batch, score_old
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    """The DAPO objective's settings (defaults: the paper's).
+
+    Attributes:
+        eps_low: lower clip range (ratio floor ``1 - eps_low``).
+        eps_high: upper clip range, Clip-Higher (ratio ceiling ``1 + eps_high``).
+        clip_ratio_c: dual-clip cap for negative advantages (None: off, as in DAPO).
+        loss_agg: ``token-mean`` (DAPO), ``seq-mean-token-mean`` (GRPO) or ``seq-mean-token-sum``.
+        overlong_filtering: mask the loss of truncated responses (and drop their tokens from the denominator).
+        kl_coef: weight of a KL penalty to the initial policy (0: off, no reference model loaded, as in DAPO).
+        kl_estimator: ``k1`` or ``k3``.
+        ppo_epochs: passes over each rollout batch.
+        mini_batch_size: responses per optimizer step; the batch (prompts_per_step x n) must be a multiple.
+        micro_batch_max_tokens: token budget (padded) of one forward/backward pass.
+    """
+
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    clip_ratio_c: float | None = None
+    loss_agg: str = "token-mean"
+    overlong_filtering: bool = False
+    kl_coef: float = 0.0
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    ppo_epochs: int = 1
+    mini_batch_size: int = 512
+    micro_batch_max_tokens: int = 8192
+
+    def __post_init__(self) -> None:
+        for name in ("eps_low", "eps_high"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"algorithm.{name} must be >= 0, got {getattr(self, name)}")
+        if self.eps_low >= 1:
+            raise ValueError(f"algorithm.eps_low must be < 1, got {self.eps_low}")
+        if self.clip_ratio_c is not None and self.clip_ratio_c <= 1:
+            raise ValueError(f"algorithm.clip_ratio_c must be > 1 (or null), got {self.clip_ratio_c}")
+        if self.loss_agg not in AGGREGATIONS:
+            raise ValueError(f"algorithm.loss_agg must be one of {AGGREGATIONS}, got {self.loss_agg!r}")
+        if self.kl_coef < 0:
+            raise ValueError(f"algorithm.kl_coef must be >= 0, got {self.kl_coef}")
+        for name in ("ppo_epochs", "mini_batch_size", "micro_batch_max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"algorithm.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warm-up then a constant or cosine learning rate (the paper: 1e-6, constant).
+
+    Attributes:
+        lr: peak learning rate.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        warmup_steps: optimizer steps of linear warm-up from 0.
+        schedule: ``constant`` after warm-up, or ``cosine`` decay to ``min_lr_ratio * lr`` at ``total_steps``.
+        total_steps: horizon of the cosine schedule (optimizer steps).
+        min_lr_ratio: floor of the cosine schedule.
+        grad_clip: max global gradient norm (0: no clipping).
+    """
+
+    lr: float = 1e-6
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 10
+    schedule: Literal["constant", "cosine"] = "constant"
+    total_steps: int = 1000
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+
+
+def lr_factor(step: int, cfg: OptimConfig) -> float:
+    """Multiplier of ``cfg.lr`` at optimizer step ``step`` (0-based): warm-up, then constant or cosine."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class DAPOModule(L.LightningModule):
+    """The policy and the DAPO update.
+
+    Args:
+        model_name_or_path: a local folder or hub name for ``AutoModelForCausalLM`` (loaded in ``configure_model``).
+        algorithm: the objective's settings.
+        optim: optimizer and schedule.
+        dtype: parameter dtype of the policy (``float32``, ``bfloat16``, ``float16``).
+        gradient_checkpointing: trade compute for activation memory.
+        export_dir: if set, the trained policy and tokenizer are saved there (``save_pretrained``) when fit ends.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        algorithm: AlgorithmConfig = AlgorithmConfig(),
+        optim: OptimConfig = OptimConfig(),
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        gradient_checkpointing: bool = False,
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.save_hyperparameters()
+        self.model_name_or_path = model_name_or_path
+        self.algo, self.optim_cfg = algorithm, optim
+        self.dtype_name = dtype
+        self.gradient_checkpointing = gradient_checkpointing
+        self.export_dir = export_dir
+        self.policy: torch.nn.Module | None = None
+        self.ref_policy: torch.nn.Module | None = None
+        self.pad_id = 0
+        self._val_correct: list[Tensor] = []
+
+    # ---- set-up -------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        from transformers import AutoModelForCausalLM
+
+        dtype = getattr(torch, self.dtype_name)
+        self.policy = AutoModelForCausalLM.from_pretrained(self.model_name_or_path, dtype=dtype)
+        self.policy.train()  # from_pretrained returns eval mode
+        if self.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable()
+        config = self.policy.config
+        self.pad_id = int(config.pad_token_id if config.pad_token_id is not None else (config.eos_token_id or 0))
+        if self.algo.kl_coef > 0:
+            self.ref_policy = AutoModelForCausalLM.from_pretrained(self.model_name_or_path, dtype=dtype)
+            self.ref_policy.requires_grad_(False).eval()
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        batch_size = getattr(dm, "prompts_per_step", 0) * getattr(getattr(dm, "rollout", None), "n", 0)
+        if stage == "fit" and batch_size:
+            check_mini_batch(batch_size, self.algo.mini_batch_size)
+
+    def configure_optimizers(self) -> Any:
+        assert self.policy is not None
+        cfg = self.optim_cfg
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+        return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
+
+    # ---- the update ---------------------------------------------------------------------------------------
+    def training_step(self, dataloader_iter: Iterator[Any]) -> None:
+        batch: RolloutBatch = next(dataloader_iter)[0]  # generated now, with the current weights
+        metrics = dict(batch.metrics)
+        t0 = time.perf_counter()
+        if len(batch) == 0:
+            self.print("[dapo-pl] no group with mixed answers this step: nothing to train on (see train/ds_exhausted)")
+        else:
+            mini_batches = self._prepare(batch, metrics)
+            for _ in range(self.algo.ppo_epochs):
+                for micro_batches in mini_batches:
+                    metrics.update(self._optimizer_step(micro_batches, batch.temperature))
+        metrics["time/update_s"] = time.perf_counter() - t0
+        self._log_step(metrics)
+
+    def _prepare(self, batch: RolloutBatch, metrics: dict[str, float]) -> list[list[MicroBatch]]:
+        """Cut the batch into mini/micro-batches and attach old (and reference) log-probs, no gradient."""
+        assert self.policy is not None
+        mini_batches = cut_batch(
+            batch,
+            mini_batch_size=self.algo.mini_batch_size,
+            max_tokens=self.algo.micro_batch_max_tokens,
+            pad_id=self.pad_id,
+            overlong_filtering=self.algo.overlong_filtering,
+        )
+        mini_batches = [[mb.to(self.device) for mb in mbs] for mbs in mini_batches]
+        flat = [mb for mbs in mini_batches for mb in mbs]
+        metrics.update(score_old(self.policy, flat, batch.temperature, self.ref_policy))
+        return mini_batches
+
+    def _denominator(self, micro_batches: list[MicroBatch]) -> Tensor:
+        world = self.trainer.world_size
+        reduce = (lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")) if world > 1 else None
+        masks = [mb.loss_mask for mb in micro_batches]
+        return token_mean_denominator(masks, all_reduce=reduce, grad_average_world_size=world)
+
+    def _optimizer_step(self, micro_batches: list[MicroBatch], temperature: float) -> dict[str, float]:
+        """One optimizer step over one mini-batch: shared denominator, backward per micro-batch, clip, step."""
+        assert self.policy is not None
+        opt, scheduler = self.optimizers(), self.lr_schedulers()
+        num_tokens = self._denominator(micro_batches) if self.algo.loss_agg == "token-mean" else None
+        totals = accumulate_gradients(
+            self.policy, micro_batches, temperature=temperature, algo=self.algo, num_tokens=num_tokens,
+            backward=self.manual_backward,
+        )  # fmt: skip
+        grad_norm = self._clip_gradients()
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        scheduler.step()
+        return {**{f"train/{k}": v for k, v in totals.items()}, "train/grad_norm": grad_norm, "train/lr": lr}
+
+    def _clip_gradients(self) -> float:
+        assert self.policy is not None
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf")
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+
+    def _log_step(self, metrics: dict[str, float]) -> None:
+        prog = {"train/reward_mean": "reward", "train/acc": "acc", "train/kept_group_frac": "kept"}
+        self.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, on_epoch=False, batch_size=1)
+        self.log_dict({name: float(metrics[k]) for k, name in prog.items() if k in metrics}, prog_bar=True, logger=False, batch_size=1)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        return batch  # prompt records and rollout batches: micro-batches are moved to the device when cut
+
+    # ---- validation ---------------------------------------------------------------------------------------
+    def validation_step(self, batch: list[Any], batch_idx: int) -> None:
+        correct = self.trainer.datamodule.validation_correctness(batch)  # [P, K]
+        self._val_correct.append(correct)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_correct:
+            return
+        correct = torch.cat(self._val_correct)  # [P, K]
+        self._val_correct = []
+        metrics = validation_metrics(correct)
+        step = self.trainer.global_step
+        summary = ", ".join(f"{k} = {v:.3f}" for k, v in metrics.items())
+        self.print(f"[dapo-pl] validation at step {step}: {summary} ({correct.shape[0]} prompts)")
+        if self.trainer.sanity_checking:  # Lightning drops self.log here; the step-0 point still belongs in the curve
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=step)
+        else:
+            self.log_dict(metrics, batch_size=correct.shape[0])
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        run_id = getattr(self.logger, "run_id", None)
+        if run_id:
+            checkpoint["mlflow_run_id"] = run_id  # resuming this checkpoint continues the same MLflow run
+
+    # ---- export -------------------------------------------------------------------------------------------
+    def on_fit_end(self) -> None:
+        if self.export_dir and self.trainer.is_global_zero and self.policy is not None:
+            self.policy.save_pretrained(self.export_dir)
+            tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(self.export_dir)
+            self.print(f"[dapo-pl] policy exported to {self.export_dir}")
+
+
+def check_mini_batch(batch_size: int, mini_batch_size: int) -> None:
+    """A rollout batch of ``batch_size`` responses must split into whole mini-batches."""
+    if batch_size % mini_batch_size:
+        raise ValueError(
+            f"model.algorithm.mini_batch_size={mini_batch_size} does not divide the rollout batch of {batch_size} "
+            f"responses (data.prompts_per_step x data.rollout.n); choose a divisor of {batch_size}"
+        )
+
+
+def validation_metrics(correct: Tensor) -> dict[str, float]:
+    """avg@K and pass@K of a ``[P, K]`` correctness matrix, named with K.
+
+    avg@K is the mean correctness over all P x K samples; pass@K the share of prompts with at least one correct
+    sample among their K (the unbiased estimator with n = k samples reduces to exactly this).
+    """
+    k = correct.shape[1]
+    c = correct.float()  # [P, K]
+    return {f"val/acc_avg_at_{k}": float(c.mean()), f"val/pass_at_{k}": float(c.amax(dim=1).mean())}
