@@ -8,6 +8,7 @@ budget (:func:`split_by_token_budget`), then right-pads each micro-batch (:func:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,6 +27,8 @@ class RolloutBatch:
             carried over from an earlier step and so was sampled with older weights).
         temperature: the sampling temperature (the trainer's log-probs use the same one).
         metrics: rollout-side metrics for this step (``train/...``, ``time/...``).
+        samples: one record per response generated this step (kept or filtered): ``prompt``, ``response``,
+            ``reference``, ``reward``, ``correct``, ``extracted``, ``kept``; for sample tables and debugging.
     """
 
     sequences: list[Tensor]
@@ -35,6 +38,7 @@ class RolloutBatch:
     rollout_logprobs: list[Tensor | None]
     temperature: float
     metrics: dict[str, float] = field(default_factory=dict)
+    samples: list[dict[str, Any]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -90,7 +94,9 @@ def mini_batch_slices(num_sequences: int, mini_batch_size: int) -> list[slice]:
     """Consecutive slices of at most ``mini_batch_size`` sequences: one optimizer step each."""
     if mini_batch_size < 1:
         raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}")
-    return [slice(s, min(s + mini_batch_size, num_sequences)) for s in range(0, num_sequences, mini_batch_size)]
+    return [
+        slice(s, min(s + mini_batch_size, num_sequences)) for s in range(0, num_sequences, mini_batch_size)
+    ]
 
 
 def collate(batch: RolloutBatch, indices: list[int], pad_id: int, loss_weight: Tensor) -> MicroBatch:

@@ -62,7 +62,9 @@ class DAPOCLI(LightningCLI):
         if logger is None:
             return
         config = self.config[self.subcommand]
-        flat = _flatten({k: v for k, v in config.items() if k in ("model", "data", "trainer", "seed_everything")})
+        flat = _flatten(
+            {k: v for k, v in config.items() if k in ("model", "data", "trainer", "seed_everything")}
+        )
         logger.log_hyperparams(flat)
         text = self._parser(self.subcommand).dump(config, skip_none=False)
         run_id = getattr(logger, "run_id", None)
@@ -89,8 +91,8 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): tree}
 
 
-def run_lightning(args: list[str] | None = None) -> DAPOCLI:
-    """Run the LightningCLI part (``fit``, ``validate``, ...) on ``args``."""
+def run_lightning(args: list[str] | None = None, run: bool = True) -> DAPOCLI:
+    """Run the LightningCLI part (``fit``, ``validate``, ...) on ``args``; ``run=False`` only builds the objects."""
     return DAPOCLI(
         DAPOModule,
         DAPODataModule,
@@ -98,6 +100,7 @@ def run_lightning(args: list[str] | None = None) -> DAPOCLI:
         trainer_defaults=TRAINER_DEFAULTS,
         args=args,
         parser_kwargs={"prog": "dapo-pl"},
+        run=run,
     )
 
 

@@ -175,8 +175,28 @@ def render_prompt(record: PromptRecord, tokenizer: Any) -> list[int]:
     if isinstance(record.prompt, str):
         return list(tokenizer(record.prompt, add_special_tokens=False)["input_ids"])
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{record.where}: the prompt is a list of chat messages but the tokenizer has no chat template")
+        raise DataError(
+            f"{record.where}: the prompt is a list of chat messages but the tokenizer has no chat template"
+        )
     ids = tokenizer.apply_chat_template(record.prompt, add_generation_prompt=True, tokenize=True)
     if isinstance(ids, Mapping):  # transformers 5 returns a BatchEncoding
         ids = ids["input_ids"]
     return list(ids)
+
+
+def check_model_source(name_or_path: str) -> str:
+    """Fail early and clearly when a model that is meant to be a local folder is not there.
+
+    Anything that looks like a path (relative with a ``/`` that exists nowhere, ``./``, ``/``, ``~``) must exist;
+    other names are left to ``from_pretrained`` (hub ids such as ``Qwen/Qwen2.5-7B``).
+    """
+    path = Path(name_or_path).expanduser()
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if path.exists():
+        return str(path)
+    if looks_local:
+        hint = ""
+        if "quickstart" in name_or_path:
+            hint = " (the quickstart builds it: python tools/make_quickstart.py --out artifacts/quickstart, or make quickstart)"
+        raise FileNotFoundError(f"model folder {name_or_path!r} does not exist{hint}")
+    return name_or_path

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dapo_pl.batch import RolloutBatch
-from dapo_pl.data import PromptDataConfig, PromptRecord, load_prompts, render_prompt
+from dapo_pl.data import PromptDataConfig, PromptRecord, check_model_source, load_prompts, render_prompt
 from dapo_pl.engines import Completion, RolloutEngine, SamplingConfig, build_engine
 from dapo_pl.objective import group_advantages
 from dapo_pl.rewards import RewardConfig, RewardFunction
@@ -65,6 +65,7 @@ class Group:
     completions: list[Completion]
     rewards: list[float]
     correct: list[bool]
+    extracted: list[str | None] = field(default_factory=list)
     fresh: bool = True
 
 
@@ -148,8 +149,10 @@ class DAPODataModule(L.LightningDataModule):
             from transformers import AutoTokenizer
 
             if not self.model_name_or_path:
-                raise ValueError("data.model_name_or_path is empty (the CLI links it from model.model_name_or_path)")
-            self.tokenizer = AutoTokenizer.from_pretrained(self.model_name_or_path)
+                raise ValueError(
+                    "data.model_name_or_path is empty (the CLI links it from model.model_name_or_path)"
+                )
+            self.tokenizer = AutoTokenizer.from_pretrained(check_model_source(self.model_name_or_path))
         if stage == "fit" and not self._train:
             self._train = load_prompts(self.train_cfg)
         if self.val_cfg is not None and not self._val:
@@ -157,7 +160,9 @@ class DAPODataModule(L.LightningDataModule):
         if self.reward_fn is None:
             self.reward_fn = RewardFunction(self.reward_cfg)
         if self.engine is None:
-            self.engine = build_engine(self.engine_cfg.name, self.model_name_or_path, self.tokenizer, self.engine_cfg.options)
+            self.engine = build_engine(
+                self.engine_cfg.name, self.model_name_or_path, self.tokenizer, self.engine_cfg.options
+            )
 
     def teardown(self, stage: str) -> None:
         if self.reward_fn is not None and stage == "fit":
@@ -174,7 +179,12 @@ class DAPODataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         # The carry-over buffer is not saved: after a resume the first step samples afresh.
-        return {"order": self._order, "cursor": self._cursor, "epoch": self._epoch, "gen_calls": self._gen_calls}
+        return {
+            "order": self._order,
+            "cursor": self._cursor,
+            "epoch": self._epoch,
+            "gen_calls": self._gen_calls,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._order, self._cursor = list(state["order"]), int(state["cursor"])
@@ -199,7 +209,9 @@ class DAPODataModule(L.LightningDataModule):
             self._cursor += 1
         return out
 
-    def generate_groups(self, records: list[PromptRecord], params: SamplingConfig) -> tuple[list[Group], float, float]:
+    def generate_groups(
+        self, records: list[PromptRecord], params: SamplingConfig
+    ) -> tuple[list[Group], float, float]:
         """Generate and score ``params.n`` responses for each record; returns groups, rollout and reward seconds."""
         assert self.engine is not None and self.reward_fn is not None
         prompt_ids = [self._prompt_ids(r) for r in records]
@@ -229,6 +241,7 @@ class DAPODataModule(L.LightningDataModule):
                 completions=cs,
                 rewards=[s.reward for s in scores[i * n : (i + 1) * n]],
                 correct=[s.correct for s in scores[i * n : (i + 1) * n]],
+                extracted=[s.verdict.extracted for s in scores[i * n : (i + 1) * n]],
             )
             for i, (r, p, cs) in enumerate(zip(records, prompt_ids, completions, strict=True))
         ]
@@ -277,7 +290,9 @@ class DAPODataModule(L.LightningDataModule):
             g.fresh = False
         self.buffer.add(carried)
         metrics = _rollout_metrics(generated, groups, stats, timing)
-        return build_rollout_batch(groups, self.rollout.temperature, self.scale_adv_by_std, metrics)
+        batch = build_rollout_batch(groups, self.rollout.temperature, self.scale_adv_by_std, metrics)
+        batch.samples = _sample_records(generated, kept={id(g) for g in groups})
+        return batch
 
     def validation_correctness(self, records: list[PromptRecord]) -> torch.Tensor:
         """Correctness ``[P, K]`` of ``val_rollout.n`` samples for each record, with the current policy."""
@@ -287,7 +302,9 @@ class DAPODataModule(L.LightningDataModule):
         return torch.tensor([g.correct for g in groups], dtype=torch.bool)
 
 
-def build_rollout_batch(groups: list[Group], temperature: float, scale_by_std: bool, metrics: dict[str, float]) -> RolloutBatch:
+def build_rollout_batch(
+    groups: list[Group], temperature: float, scale_by_std: bool, metrics: dict[str, float]
+) -> RolloutBatch:
     """Flatten kept groups into a :class:`RolloutBatch` with group-relative advantages."""
     sequences, prompt_lengths, truncated, engine_lps = [], [], [], []
     for g in groups:
@@ -313,7 +330,27 @@ def build_rollout_batch(groups: list[Group], temperature: float, scale_by_std: b
     )
 
 
-def _rollout_metrics(generated: list[Group], kept: list[Group], stats: FillStats, timing: dict[str, float]) -> dict[str, float]:
+def _sample_records(generated: list[Group], kept: set[int]) -> list[dict[str, Any]]:
+    """One plain record per generated response, for sample tables (MLflow) and debugging."""
+    return [
+        {
+            "prompt": g.record.prompt if isinstance(g.record.prompt, str) else str(g.record.prompt),
+            "response": c.text,
+            "reference": g.record.reference,
+            "reward": r,
+            "correct": ok,
+            "extracted": g.extracted[j] if j < len(g.extracted) else None,
+            "truncated": c.truncated,
+            "kept": id(g) in kept,
+        }
+        for g in generated
+        for j, (c, r, ok) in enumerate(zip(g.completions, g.rewards, g.correct, strict=True))
+    ]
+
+
+def _rollout_metrics(
+    generated: list[Group], kept: list[Group], stats: FillStats, timing: dict[str, float]
+) -> dict[str, float]:
     """Metrics over every response generated this step (``acc`` etc.) and over the groups trained on."""
     metrics = {
         "train/num_gen_batches": float(stats.num_gen_batches),
@@ -328,7 +365,9 @@ def _rollout_metrics(generated: list[Group], kept: list[Group], stats: FillStats
         count = len(rewards)
         metrics["train/reward_mean"] = sum(rewards) / count
         metrics["train/acc"] = sum(c for g in generated for c in g.correct) / count
-        metrics["train/response_length_mean"] = sum(len(c.token_ids) for g in generated for c in g.completions) / count
+        metrics["train/response_length_mean"] = (
+            sum(len(c.token_ids) for g in generated for c in g.completions) / count
+        )
         metrics["train/truncated_frac"] = sum(c.truncated for g in generated for c in g.completions) / count
         metrics["train/kept_group_frac"] = stats.kept_group_frac
     return metrics

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from dapo_pl.batch import MicroBatch, RolloutBatch
+from dapo_pl.data import check_model_source
 from dapo_pl.objective import AGGREGATIONS, token_mean_denominator
 from dapo_pl.update import accumulate_gradients, cut_batch, score_old
 
@@ -138,6 +139,7 @@ class DAPOModule(L.LightningModule):
         self.ref_policy: torch.nn.Module | None = None
         self.pad_id = 0
         self._val_correct: list[Tensor] = []
+        self.last_rollout_samples: list[dict[str, Any]] = []
 
     # ---- set-up -------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -146,14 +148,17 @@ class DAPOModule(L.LightningModule):
         from transformers import AutoModelForCausalLM
 
         dtype = getattr(torch, self.dtype_name)
-        self.policy = AutoModelForCausalLM.from_pretrained(self.model_name_or_path, dtype=dtype)
+        source = check_model_source(self.model_name_or_path)
+        self.policy = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         self.policy.train()  # from_pretrained returns eval mode
         if self.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
         config = self.policy.config
-        self.pad_id = int(config.pad_token_id if config.pad_token_id is not None else (config.eos_token_id or 0))
+        self.pad_id = int(
+            config.pad_token_id if config.pad_token_id is not None else (config.eos_token_id or 0)
+        )
         if self.algo.kl_coef > 0:
-            self.ref_policy = AutoModelForCausalLM.from_pretrained(self.model_name_or_path, dtype=dtype)
+            self.ref_policy = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
             self.ref_policy.requires_grad_(False).eval()
 
     def setup(self, stage: str) -> None:
@@ -173,10 +178,13 @@ class DAPOModule(L.LightningModule):
     # ---- the update ---------------------------------------------------------------------------------------
     def training_step(self, dataloader_iter: Iterator[Any]) -> None:
         batch: RolloutBatch = next(dataloader_iter)[0]  # generated now, with the current weights
+        self.last_rollout_samples = batch.samples  # for callbacks (e.g. sample tables)
         metrics = dict(batch.metrics)
         t0 = time.perf_counter()
         if len(batch) == 0:
-            self.print("[dapo-pl] no group with mixed answers this step: nothing to train on (see train/ds_exhausted)")
+            self.print(
+                "[dapo-pl] no group with mixed answers this step: nothing to train on (see train/ds_exhausted)"
+            )
         else:
             mini_batches = self._prepare(batch, metrics)
             for _ in range(self.algo.ppo_epochs):
@@ -231,7 +239,12 @@ class DAPOModule(L.LightningModule):
     def _log_step(self, metrics: dict[str, float]) -> None:
         prog = {"train/reward_mean": "reward", "train/acc": "acc", "train/kept_group_frac": "kept"}
         self.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, on_epoch=False, batch_size=1)
-        self.log_dict({name: float(metrics[k]) for k, name in prog.items() if k in metrics}, prog_bar=True, logger=False, batch_size=1)
+        self.log_dict(
+            {name: float(metrics[k]) for k, name in prog.items() if k in metrics},
+            prog_bar=True,
+            logger=False,
+            batch_size=1,
+        )
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         return batch  # prompt records and rollout batches: micro-batches are moved to the device when cut
@@ -250,7 +263,9 @@ class DAPOModule(L.LightningModule):
         step = self.trainer.global_step
         summary = ", ".join(f"{k} = {v:.3f}" for k, v in metrics.items())
         self.print(f"[dapo-pl] validation at step {step}: {summary} ({correct.shape[0]} prompts)")
-        if self.trainer.sanity_checking:  # Lightning drops self.log here; the step-0 point still belongs in the curve
+        if (
+            self.trainer.sanity_checking
+        ):  # Lightning drops self.log here; the step-0 point still belongs in the curve
             for logger in self.loggers:
                 logger.log_metrics(metrics, step=step)
         else:

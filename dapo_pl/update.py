@@ -50,7 +50,10 @@ def forward_logits(model: torch.nn.Module, mb: MicroBatch) -> Tensor:
 
 @torch.no_grad()
 def score_old(
-    policy: torch.nn.Module, micro_batches: list[MicroBatch], temperature: float, ref_policy: torch.nn.Module | None = None
+    policy: torch.nn.Module,
+    micro_batches: list[MicroBatch],
+    temperature: float,
+    ref_policy: torch.nn.Module | None = None,
 ) -> dict[str, float]:
     """Attach ``old_logprobs`` (and ``ref_logprobs``) to every micro-batch; return entropy and engine-gap metrics."""
     ent_sum = ent_n = diff_sum = diff_n = 0.0
@@ -98,7 +101,9 @@ def accumulate_gradients(
     totals = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clipfrac_high": 0.0, "clipfrac_low": 0.0}
     for mb, weight in zip(micro_batches, weights, strict=True):
         assert mb.old_logprobs is not None
-        logprobs = logprobs_from_logits(forward_logits(policy, mb), mb.input_ids[:, 1:], temperature)  # [b, L-1]
+        logprobs = logprobs_from_logits(
+            forward_logits(policy, mb), mb.input_ids[:, 1:], temperature
+        )  # [b, L-1]
         pg = weight * policy_loss(
             logprobs, mb.old_logprobs, mb.advantages, mb.loss_mask, eps_low=algo.eps_low, eps_high=algo.eps_high,
             clip_ratio_c=algo.clip_ratio_c, agg=algo.loss_agg, num_tokens=num_tokens,
@@ -111,7 +116,12 @@ def accumulate_gradients(
             totals["kl"] += float(kl.detach())
         backward(loss)
         high, low = clip_fractions(
-            logprobs.detach(), mb.old_logprobs, mb.advantages, mb.loss_mask, eps_low=algo.eps_low, eps_high=algo.eps_high
+            logprobs.detach(),
+            mb.old_logprobs,
+            mb.advantages,
+            mb.loss_mask,
+            eps_low=algo.eps_low,
+            eps_high=algo.eps_high,
         )
         share = float(mb.loss_mask.sum()) / tokens
         totals["loss"] += float(loss.detach())

@@ -18,8 +18,12 @@ def _jsonl(path: Path, rows: list[object]) -> Path:
 
 
 def test_jsonl_with_template_and_extra_fields(tmp_path: Path) -> None:
-    path = _jsonl(tmp_path / "p.jsonl", [{"q": "1+1", "a": 2, "level": "easy"}, {"q": "2+2", "a": "4", "level": "hard"}])
-    records = load_prompts(PromptDataConfig(str(path), prompt_field="q", answer_field="a", template="[{level}] {prompt}="))
+    path = _jsonl(
+        tmp_path / "p.jsonl", [{"q": "1+1", "a": 2, "level": "easy"}, {"q": "2+2", "a": "4", "level": "hard"}]
+    )
+    records = load_prompts(
+        PromptDataConfig(str(path), prompt_field="q", answer_field="a", template="[{level}] {prompt}=")
+    )
     assert [(r.prompt, r.reference) for r in records] == [("[easy] 1+1=", "2"), ("[hard] 2+2=", "4")]
     assert records[1].where == f"{path}:2"
 
@@ -56,8 +60,14 @@ def test_template_naming_a_missing_field(tmp_path: Path) -> None:
 def test_parquet_with_nested_answer_and_chat_messages(tmp_path: Path) -> None:
     """DAPO-Math-17k's shape: prompt as chat messages, answer in reward_model.ground_truth."""
     rows = [
-        {"prompt": [{"role": "user", "content": "What is 3+4?"}], "reward_model": {"ground_truth": "7", "style": "rule"}},
-        {"prompt": [{"role": "user", "content": "What is 5+5?"}], "reward_model": {"ground_truth": "10", "style": "rule"}},
+        {
+            "prompt": [{"role": "user", "content": "What is 3+4?"}],
+            "reward_model": {"ground_truth": "7", "style": "rule"},
+        },
+        {
+            "prompt": [{"role": "user", "content": "What is 5+5?"}],
+            "reward_model": {"ground_truth": "10", "style": "rule"},
+        },
     ]
     path = tmp_path / "dapo.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)

@@ -64,7 +64,12 @@ def test_fill_batch_refills_until_full_and_carries_surplus_over() -> None:
     generate, calls = _scripted([["a+", "b-", "c-"], ["d+", "e+", "f+"], ["g+", "h+", "i+"]])
     groups, stats = fill_batch(buffer, 3, generate, _keep, max_num_gen_batches=5)
     assert groups == ["a+", "d+", "e+"]
-    assert (stats.num_gen_batches, stats.groups_generated, stats.groups_kept, stats.exhausted) == (2, 6, 4, False)
+    assert (stats.num_gen_batches, stats.groups_generated, stats.groups_kept, stats.exhausted) == (
+        2,
+        6,
+        4,
+        False,
+    )
     assert stats.kept_group_frac == pytest.approx(4 / 6, abs=1e-12)
     assert buffer.state() == ["f+"]  # surplus carried over, oldest first next time
     groups, stats = fill_batch(buffer, 3, generate, _keep, max_num_gen_batches=5)

@@ -117,7 +117,9 @@ def test_two_ranks_average_to_the_one_rank_gradient() -> None:
     for idx in halves:
         sub = RolloutBatch([batch.sequences[i] for i in idx], [batch.prompt_lengths[i] for i in idx],
                            batch.advantages[idx], batch.truncated[idx], [None] * len(idx), batch.temperature)  # fmt: skip
-        (mbs,) = cut_batch(sub, mini_batch_size=len(idx), max_tokens=10_000, pad_id=0, overlong_filtering=False)
+        (mbs,) = cut_batch(
+            sub, mini_batch_size=len(idx), max_tokens=10_000, pad_id=0, overlong_filtering=False
+        )
         cut.append(_cast(mbs))
         counts.append(token_mean_denominator([mb.loss_mask for mb in mbs]))
     total = sum(counts)
@@ -127,7 +129,9 @@ def test_two_ranks_average_to_the_one_rank_gradient() -> None:
         score_old(base, mbs, batch.temperature)
         policy = copy.deepcopy(base)
         _perturb(policy)
-        denom = token_mean_denominator([mb.loss_mask for mb in mbs], all_reduce=lambda t: total, grad_average_world_size=2)
+        denom = token_mean_denominator(
+            [mb.loss_mask for mb in mbs], all_reduce=lambda t: total, grad_average_world_size=2
+        )
         accumulate_gradients(policy, mbs, temperature=batch.temperature, algo=algo, num_tokens=denom,
                              backward=torch.Tensor.backward)  # fmt: skip
         grads.append(torch.cat([p.grad.flatten() for p in policy.parameters()]))
@@ -142,7 +146,9 @@ def test_overlong_filtering_equals_dropping_truncated_responses() -> None:
     keep = [i for i in range(len(batch)) if not batch.truncated[i]]
     dropped = RolloutBatch([batch.sequences[i] for i in keep], [batch.prompt_lengths[i] for i in keep],
                            batch.advantages[keep], batch.truncated[keep], [None] * len(keep), batch.temperature)  # fmt: skip
-    torch.testing.assert_close(filtered, _gradient(dropped, AlgorithmConfig(micro_batch_max_tokens=10_000)), rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        filtered, _gradient(dropped, AlgorithmConfig(micro_batch_max_tokens=10_000)), rtol=0, atol=1e-10
+    )
     unfiltered = _gradient(batch, AlgorithmConfig(micro_batch_max_tokens=30))
     assert (unfiltered - filtered).abs().max() > 1e-4
 
