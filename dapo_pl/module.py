@@ -159,7 +159,7 @@ class DAPOModule(L.LightningModule):
         )
         if self.algo.kl_coef > 0:
             self.ref_policy = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-            self.ref_policy.requires_grad_(False).eval()
+            self.ref_policy.requires_grad_(False).train(False)
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self._trainer is not None else None

@@ -48,7 +48,7 @@ class TransformersEngine:
         per_call = max(1, self.max_batch_sequences // params.n)
         out: list[list[Completion]] = []
         was_training = self.model.training
-        self.model.eval()
+        self.model.train(False)
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
@@ -75,6 +75,7 @@ class TransformersEngine:
             eos_token_id=self.eos_ids,
             return_dict_in_generate=True,
             output_logits=self.return_logprobs,
+            **({"stop_strings": list(params.stop), "tokenizer": self.tokenizer} if params.stop else {}),
         )
         new_tokens = result.sequences[:, input_ids.shape[1] :]  # [P*n, Tn]
         logprobs = None
@@ -87,13 +88,37 @@ class TransformersEngine:
     def _completion(self, tokens: Tensor, logprobs: Tensor | None, i: int, params: SamplingConfig) -> Completion:
         ids = tokens.tolist()
         end = next((j for j, t in enumerate(ids) if t in self.eos_ids), None)
-        # Without EOS a sequence runs to max_new_tokens (pads only ever follow an EOS), so it is truncated.
+        if params.stop:  # a stop string before any EOS ends the response there (pads follow it)
+            stop_end = self._stop_string_end(ids if end is None else ids[:end], params.stop)
+            end = stop_end if stop_end is not None else end
+        # Without EOS or a stop string a sequence runs to max_new_tokens, so it is truncated.
         truncated = end is None
         if end is not None:
             ids = ids[: end + 1]
         lp = logprobs[i, : len(ids)].tolist() if logprobs is not None else None
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return Completion(token_ids=ids, text=text, truncated=truncated, logprobs=lp)
+
+    def _stop_string_end(self, ids: list[int], stop: tuple[str, ...]) -> int | None:
+        """Index of the token that completes the first stop string in ``ids`` (None: no stop string).
+
+        Bisection over prefixes: once a prefix's text contains a stop string, every longer prefix does.
+        """
+
+        def has_stop(n: int) -> bool:
+            text = self.tokenizer.decode(ids[:n], skip_special_tokens=True)
+            return any(s in text for s in stop)
+
+        if not ids or not has_stop(len(ids)):
+            return None
+        lo, hi = 1, len(ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if has_stop(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo - 1
 
 
 def _eos_ids(tokenizer: Any) -> list[int]:
