@@ -132,3 +132,28 @@ def collate(batch: RolloutBatch, indices: list[int], pad_id: int, loss_weight: T
         rollout_logprobs=rollout_logprobs,
         rollout_mask=rollout_mask,
     )
+
+
+def padding_micro_batch(pad_id: int, width: int = 2) -> MicroBatch:
+    """A one-row micro-batch of ``pad_id`` tokens whose loss, response and rollout masks are all empty.
+
+    Data-parallel ranks must run the same number of forward/backward passes per optimizer step (DDP all-reduces
+    gradients in every backward; FSDP gathers weights in every forward), but dynamic sampling and token budgets
+    give them different numbers of micro-batches, possibly none. A rank that is short runs these: the forward
+    touches every parameter, so every gradient hook fires, and the empty masks make the loss exactly 0, so the
+    update is unchanged. Its attention mask is all ones, so no attention row is fully masked (that gives NaN).
+
+    Shapes: ``input_ids``/``attention_mask`` ``[1, width]``; the masks and log-probs ``[1, width-1]``.
+    """
+    if width < 2:
+        raise ValueError(f"width must be >= 2 (one position to score), got {width}")
+    zeros = torch.zeros((1, width - 1))  # [1, width-1]
+    return MicroBatch(
+        input_ids=torch.full((1, width), pad_id, dtype=torch.long),
+        attention_mask=torch.ones((1, width), dtype=torch.long),
+        response_mask=zeros.clone(),
+        loss_mask=zeros.clone(),
+        advantages=torch.zeros(1),
+        rollout_logprobs=zeros.clone(),
+        rollout_mask=zeros.clone(),
+    )

@@ -19,7 +19,7 @@ from dapo_pl.datamodule import DAPODataModule
 from dapo_pl.module import DAPOModule
 from dapo_pl.progress import DAPOProgressBar
 
-PLUGIN_COMMANDS = ("verifiers", "verify")
+PLUGIN_COMMANDS = ("verifiers", "verify", "compare")
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {"class_path": "dapo_pl.tracking.DAPOMLFlowLogger"},
@@ -62,12 +62,17 @@ class DAPOCLI(LightningCLI):
         if logger is None:
             return
         config = self.config[self.subcommand]
-        flat = _flatten(
-            {k: v for k, v in config.items() if k in ("model", "data", "trainer", "seed_everything")}
-        )
+        sections = ("model", "data", "trainer", "seed_everything")  # config.items() gives dotted leaf keys
+        flat = _flatten({k: v for k, v in config.items() if k.split(".")[0] in sections})
+        run_id = getattr(logger, "run_id", None)
+        if run_id and hasattr(logger, "experiment"):  # a resumed run: MLflow refuses to change a logged param
+            logged = logger.experiment.get_run(run_id).data.params
+            changed = sorted(k for k, v in flat.items() if k in logged and logged[k] != str(v)[:250])
+            if changed:
+                print(f"[dapo-pl] resumed MLflow run keeps its first values of {', '.join(changed)}")
+                flat = {k: v for k, v in flat.items() if k not in changed}
         logger.log_hyperparams(flat)
         text = self._parser(self.subcommand).dump(config, skip_none=False)
-        run_id = getattr(logger, "run_id", None)
         if run_id and hasattr(logger, "experiment"):
             logger.experiment.log_text(run_id, text, "config.yaml")
 
@@ -106,11 +111,13 @@ def run_lightning(args: list[str] | None = None, run: bool = True) -> DAPOCLI:
 
 def _plugin_main(argv: list[str]) -> int:
     from dapo_pl import verify_cmd
+    from dapo_pl.compare import add_compare_parser
 
     parser = argparse.ArgumentParser(prog="dapo-pl")
     sub = parser.add_subparsers(dest="command", required=True)
     verify_cmd.add_list_parser(sub)
     verify_cmd.add_verify_parser(sub)
+    add_compare_parser(sub)
     args = parser.parse_args(argv)
     return int(args.func(args))
 
@@ -123,6 +130,7 @@ _KNOWN_WARNINGS = (
     r".*module\(s\) in eval mode",
     r".*LeafSpec",
     r".*does not have many workers",
+    r".*Using ModelCheckpoint with manual optimization",  # the post-update state is the one we want saved
 )
 
 

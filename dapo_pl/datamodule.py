@@ -5,10 +5,20 @@ batch from ``training_step`` (``dataloader_iter``), i.e. after the previous step
 one-batch prefetch of iterable datasets would otherwise generate with weights one update old (PLATFORM.md).
 The exception is documented: groups kept beyond a step's need are carried over (``dynamic_sampling.carry_over``)
 and trained on in the next step; their engine log-probs are dropped so they never count as an engine mismatch.
+
+Data parallelism: ``prompts_per_step`` (and ``gen_batch_prompts``) count groups over all ranks; each rank generates
+and keeps ``prompts_per_step / world_size`` of them. Every rank walks the same seeded shuffle of the prompts and
+takes an interleaved share of each draw, so no prompt is generated twice per epoch and the stream state (saved in
+checkpoints by rank 0) is the same on every rank. A group never spans ranks, so its keep decision is local; the
+ranks agree after each generation batch whether every one has its share, so they all run the same number of
+generation batches (see :func:`dapo_pl.sampling.fill_batch`). Metrics are summed over ranks. Validation prompts are
+sharded the same way, padded to equal counts (the padding is generated but not scored), and the module sums the
+correctness counts over ranks.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Iterator
@@ -21,6 +31,7 @@ from torch.utils.data import DataLoader
 
 from dapo_pl.batch import RolloutBatch
 from dapo_pl.data import PromptDataConfig, PromptRecord, check_model_source, load_prompts, render_prompt
+from dapo_pl.distributed import DataParallel, shard
 from dapo_pl.engines import Completion, RolloutEngine, SamplingConfig, build_engine
 from dapo_pl.objective import group_advantages
 from dapo_pl.rewards import RewardConfig, RewardFunction
@@ -38,7 +49,7 @@ class DynamicSamplingConfig:
         on_exhausted: when the bound is hit with too few groups: ``train`` on what there is (logged in
             ``train/num_gen_batches`` and ``train/ds_exhausted``) or ``raise``.
         carry_over: keep surplus kept groups for the next step instead of discarding them.
-        gen_batch_prompts: prompts per generation batch (None: ``prompts_per_step``).
+        gen_batch_prompts: prompts per generation batch over all data-parallel ranks (None: ``prompts_per_step``).
     """
 
     enabled: bool = True
@@ -80,6 +91,19 @@ class _RolloutStream:
             yield self.dm.next_rollout_batch()
 
 
+class _Batches:
+    """Ready-made batches as one loader (Lightning would take a plain list for a list of loaders)."""
+
+    def __init__(self, batches: list[list[Any]]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 class DAPODataModule(L.LightningDataModule):
     """Prompts in, rollout batches out: generation, rewards, dynamic sampling and group advantages.
 
@@ -87,10 +111,11 @@ class DAPODataModule(L.LightningDataModule):
         train: training prompts.
         val: validation prompts (None: no validation).
         model_name_or_path: the policy (linked from ``model.model_name_or_path`` by the CLI); its tokenizer is used.
-        prompts_per_step: groups (prompts) per training step; each has ``rollout.n`` responses.
+        prompts_per_step: groups (prompts) per training step over all data-parallel ranks (each rank generates and
+            keeps ``prompts_per_step / world_size``); each group has ``rollout.n`` responses.
         rollout: sampling for training (``n`` is the group size G).
         val_rollout: sampling for validation (``n`` is K of avg@K / pass@K).
-        val_batch_prompts: validation prompts per generation call.
+        val_batch_prompts: validation prompts per generation call (per rank).
         reward: which verifiers decide correctness and add shaping.
         dynamic_sampling: DAPO's group filter and refill bound.
         engine: the rollout engine.
@@ -144,7 +169,12 @@ class DAPODataModule(L.LightningDataModule):
         self._gen_calls = 0
 
     # ---- set-up -------------------------------------------------------------------------------------------
+    def _dp(self) -> DataParallel:
+        return DataParallel.of(self.trainer)
+
     def setup(self, stage: str) -> None:
+        if stage == "fit":
+            check_shardable(self.prompts_per_step, self.ds.gen_batch_prompts, self._dp().size)
         if self.tokenizer is None:
             from transformers import AutoTokenizer
 
@@ -175,7 +205,16 @@ class DAPODataModule(L.LightningDataModule):
     def val_dataloader(self) -> Any:
         if not self._val:
             return []
-        return DataLoader(self._val, batch_size=self.val_batch_prompts, shuffle=False, collate_fn=list)
+        dp = self._dp()
+        if not dp.distributed:
+            return DataLoader(self._val, batch_size=self.val_batch_prompts, shuffle=False, collate_fn=list)
+        # Our own shards, not Lightning's DistributedSampler: it would repeat prompts to even the shards out and
+        # count them twice. Shards are padded with None (generated, not scored) so that every rank runs the same
+        # generation calls: a sharded model or a tensor-parallel engine makes each of them a collective.
+        mine: list[PromptRecord | None] = shard(self._val, dp.rank, dp.size)
+        mine += [None] * (math.ceil(len(self._val) / dp.size) - len(mine))
+        size = self.val_batch_prompts
+        return _Batches([mine[i : i + size] for i in range(0, len(mine), size)])
 
     def state_dict(self) -> dict[str, Any]:
         # The carry-over buffer is not saved: after a resume the first step samples afresh.
@@ -199,15 +238,18 @@ class DAPODataModule(L.LightningDataModule):
         return policy
 
     def _next_prompts(self, count: int) -> list[PromptRecord]:
-        out = []
-        while len(out) < count:
+        """This rank's next ``count`` prompts: its interleaved share of the next ``count x ranks`` of the seeded
+        shuffle, which every rank walks identically (so the stream state is the same on every rank)."""
+        dp = self._dp()
+        out: list[PromptRecord] = []
+        while len(out) < count * dp.size:
             if self._cursor >= len(self._order):
                 rng = random.Random(self.seed + self._epoch)
                 self._order = rng.sample(range(len(self._train)), len(self._train))
                 self._cursor, self._epoch = 0, self._epoch + 1
             out.append(self._train[self._order[self._cursor]])
             self._cursor += 1
-        return out
+        return shard(out, dp.rank, dp.size)
 
     def generate_groups(
         self, records: list[PromptRecord], params: SamplingConfig
@@ -216,7 +258,10 @@ class DAPODataModule(L.LightningDataModule):
         assert self.engine is not None and self.reward_fn is not None
         prompt_ids = [self._prompt_ids(r) for r in records]
         t0 = time.perf_counter()
-        completions = self.engine.generate(prompt_ids, params, seed=params.seed + self._gen_calls)
+        dp = self._dp()  # every rank counts the same calls; each draws its own seed
+        completions = self.engine.generate(
+            prompt_ids, params, seed=params.seed + self._gen_calls * dp.size + dp.rank
+        )
         self._gen_calls += 1
         t1 = time.perf_counter()
         samples = [
@@ -259,7 +304,8 @@ class DAPODataModule(L.LightningDataModule):
         self.engine.sync_weights(self._policy())
         generated: list[Group] = []
         timing = {"rollout": 0.0, "reward": 0.0}
-        gen_prompts = self.ds.gen_batch_prompts or self.prompts_per_step
+        dp = self._dp()
+        gen_prompts = (self.ds.gen_batch_prompts or self.prompts_per_step) // dp.size
 
         def generate() -> list[Group]:
             groups, t_gen, t_rew = self.generate_groups(self._next_prompts(gen_prompts), self.rollout)
@@ -277,11 +323,12 @@ class DAPODataModule(L.LightningDataModule):
             self.buffer = GroupBuffer()
         groups, stats = fill_batch(
             self.buffer,
-            self.prompts_per_step,
+            self.prompts_per_step // dp.size,
             generate,
             keep,
             max_num_gen_batches=self.ds.max_num_gen_batches if self.ds.enabled else 1,
             on_exhausted=self.ds.on_exhausted,
+            all_done=dp.all if dp.distributed else None,
         )
         # Surplus groups wait one step at most: sampled with weights one update old, they are not kept longer.
         carried = [g for g in self.buffer.state() if g.fresh]
@@ -289,17 +336,39 @@ class DAPODataModule(L.LightningDataModule):
         for g in carried:
             g.fresh = False
         self.buffer.add(carried)
-        metrics = _rollout_metrics(generated, groups, stats, timing)
+        metrics = _rollout_metrics(generated, groups, stats, timing, dp)
         batch = build_rollout_batch(groups, self.rollout.temperature, self.scale_adv_by_std, metrics)
         batch.samples = _sample_records(generated, kept={id(g) for g in groups})
         return batch
 
-    def validation_correctness(self, records: list[PromptRecord]) -> torch.Tensor:
-        """Correctness ``[P, K]`` of ``val_rollout.n`` samples for each record, with the current policy."""
+    def validation_correctness(self, records: list[PromptRecord | None]) -> torch.Tensor:
+        """Correctness ``[P, K]`` of ``val_rollout.n`` samples for each record, with the current policy.
+
+        ``None`` entries (padding of a data-parallel shard) are generated with a real prompt in their place, so
+        every rank makes the same calls, and left out of the result (P counts the real records only).
+        """
         assert self.engine is not None
         self.engine.sync_weights(self._policy())
-        groups, _, _ = self.generate_groups(records, self.val_rollout)
-        return torch.tensor([g.correct for g in groups], dtype=torch.bool)
+        real = [r for r in records if r is not None]
+        filler = real[0] if real else self._val[0]
+        groups, _, _ = self.generate_groups(
+            [r if r is not None else filler for r in records], self.val_rollout
+        )
+        correct = [g.correct for g, r in zip(groups, records, strict=True) if r is not None]
+        return torch.tensor(correct, dtype=torch.bool).reshape(len(correct), self.val_rollout.n)
+
+
+def check_shardable(prompts_per_step: int, gen_batch_prompts: int | None, world_size: int) -> None:
+    """Each data-parallel rank takes an equal share of the step's groups and of each generation batch."""
+    for name, value in (
+        ("prompts_per_step", prompts_per_step),
+        ("dynamic_sampling.gen_batch_prompts", gen_batch_prompts),
+    ):
+        if value is not None and value % world_size:
+            raise ValueError(
+                f"data.{name}={value} counts groups over all data-parallel ranks and must be a multiple of the "
+                f"{world_size} ranks (each rank generates {name} / world_size of them)"
+            )
 
 
 def build_rollout_batch(
@@ -349,25 +418,38 @@ def _sample_records(generated: list[Group], kept: set[int]) -> list[dict[str, An
 
 
 def _rollout_metrics(
-    generated: list[Group], kept: list[Group], stats: FillStats, timing: dict[str, float]
+    generated: list[Group],
+    kept: list[Group],
+    stats: FillStats,
+    timing: dict[str, float],
+    dp: DataParallel | None = None,
 ) -> dict[str, float]:
-    """Metrics over every response generated this step (``acc`` etc.) and over the groups trained on."""
+    """Metrics over every response generated this step (``acc`` etc.) and over the groups trained on.
+
+    With data-parallel ranks the sums and counts are added over ranks first (the whole step's numbers) and the
+    timings are the slowest rank's; ``num_gen_batches`` and ``ds_exhausted`` are the same on every rank.
+    """
+    dp = dp or DataParallel()
+    completions = [c for g in generated for c in g.completions]
+    rewards = [r for g in generated for r in g.rewards]
+    num_kept, carried, count, reward_sum, correct, length_sum, truncated, gen_groups, kept_groups = dp.sum(
+        [len(kept), sum(not g.fresh for g in kept), len(rewards), sum(rewards),
+         sum(c for g in generated for c in g.correct), sum(len(c.token_ids) for c in completions),
+         sum(c.truncated for c in completions), stats.groups_generated, stats.groups_kept]
+    )  # fmt: skip
+    rollout_s, reward_s = dp.max([timing["rollout"], timing["reward"]])
     metrics = {
         "train/num_gen_batches": float(stats.num_gen_batches),
         "train/ds_exhausted": float(stats.exhausted),
-        "train/num_groups": float(len(kept)),
-        "train/carried_group_frac": sum(not g.fresh for g in kept) / max(len(kept), 1),
-        "time/rollout_s": timing["rollout"],
-        "time/reward_s": timing["reward"],
+        "train/num_groups": num_kept,
+        "train/carried_group_frac": carried / max(num_kept, 1),
+        "time/rollout_s": rollout_s,
+        "time/reward_s": reward_s,
     }
-    if generated:  # a step served entirely from carried-over groups generated nothing to describe
-        rewards = [r for g in generated for r in g.rewards]
-        count = len(rewards)
-        metrics["train/reward_mean"] = sum(rewards) / count
-        metrics["train/acc"] = sum(c for g in generated for c in g.correct) / count
-        metrics["train/response_length_mean"] = (
-            sum(len(c.token_ids) for g in generated for c in g.completions) / count
-        )
-        metrics["train/truncated_frac"] = sum(c.truncated for g in generated for c in g.completions) / count
-        metrics["train/kept_group_frac"] = stats.kept_group_frac
+    if count:  # a step served entirely from carried-over groups generated nothing to describe
+        metrics["train/reward_mean"] = reward_sum / count
+        metrics["train/acc"] = correct / count
+        metrics["train/response_length_mean"] = length_sum / count
+        metrics["train/truncated_frac"] = truncated / count
+        metrics["train/kept_group_frac"] = kept_groups / gen_groups if gen_groups else 0.0
     return metrics

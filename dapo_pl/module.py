@@ -6,6 +6,13 @@ a token budget, with ONE token-mean denominator per optimizer step (all micro-ba
 :func:`dapo_pl.objective.token_mean_denominator`). Overlong filtering zeroes truncated responses' loss mask, which
 also removes their tokens from that denominator. Gradient clipping, warm-up and stepping are explicit here because
 Lightning's automatic optimization cannot run several optimizer steps per batch.
+
+Data parallelism (any Lightning strategy: ``ddp``, ``fsdp``, ``ModelParallelStrategy`` for FSDP2, ``deepspeed``):
+``algorithm.mini_batch_size`` counts responses per optimizer step over *all* ranks (each rank takes
+``mini_batch_size / world_size``). Every rank runs the same number of optimizer steps and, within each, the same
+number of forward/backward passes (agreed by all-reduce; a short rank runs empty padding micro-batches, see
+:func:`dapo_pl.batch.padding_micro_batch`), so collectives never wait on a rank that has nothing to do.
+Metrics are reduced over ranks before logging (the logger writes from rank 0). See ``docs/distributed.md``.
 """
 
 from __future__ import annotations
@@ -20,10 +27,11 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from dapo_pl.batch import MicroBatch, RolloutBatch
+from dapo_pl.batch import MicroBatch, RolloutBatch, padding_micro_batch
 from dapo_pl.data import check_model_source
+from dapo_pl.distributed import DataParallel, full_state_dict, is_sharded, mark_synced_generation
 from dapo_pl.objective import AGGREGATIONS, token_mean_denominator
-from dapo_pl.update import accumulate_gradients, cut_batch, score_old
+from dapo_pl.update import accumulate_gradients, count_rows, cut_batch, score_old
 
 
 @dataclass(frozen=True)
@@ -39,7 +47,8 @@ class AlgorithmConfig:
         kl_coef: weight of a KL penalty to the initial policy (0: off, no reference model loaded, as in DAPO).
         kl_estimator: ``k1`` or ``k3``.
         ppo_epochs: passes over each rollout batch.
-        mini_batch_size: responses per optimizer step; the batch (prompts_per_step x n) must be a multiple.
+        mini_batch_size: responses per optimizer step, over all data-parallel ranks (each takes
+            ``mini_batch_size / world_size``); the batch (prompts_per_step x n) must be a multiple.
         micro_batch_max_tokens: token budget (padded) of one forward/backward pass.
     """
 
@@ -113,7 +122,8 @@ class DAPOModule(L.LightningModule):
         model_name_or_path: a local folder or hub name for ``AutoModelForCausalLM`` (loaded in ``configure_model``).
         algorithm: the objective's settings.
         optim: optimizer and schedule.
-        dtype: parameter dtype of the policy (``float32``, ``bfloat16``, ``float16``).
+        dtype: parameter dtype of the policy (``float32``, ``bfloat16``, ``float16``; ``float64`` for exact
+            comparisons in tests, under any strategy, where Lightning's ``precision="64-true"`` is not available).
         gradient_checkpointing: trade compute for activation memory.
         export_dir: if set, the trained policy and tokenizer are saved there (``save_pretrained``) when fit ends.
     """
@@ -123,7 +133,7 @@ class DAPOModule(L.LightningModule):
         model_name_or_path: str,
         algorithm: AlgorithmConfig = AlgorithmConfig(),
         optim: OptimConfig = OptimConfig(),
-        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32",
         gradient_checkpointing: bool = False,
         export_dir: str | None = None,
     ) -> None:
@@ -160,12 +170,53 @@ class DAPOModule(L.LightningModule):
         if self.algo.kl_coef > 0:
             self.ref_policy = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
             self.ref_policy.requires_grad_(False).train(False)
+        mesh = self.device_mesh  # set by ModelParallelStrategy (FSDP2), else None
+        if mesh is not None:
+            self._fully_shard(mesh)
+
+    def _fully_shard(self, mesh: Any) -> None:
+        """FSDP2 under ``ModelParallelStrategy``: shard each decoder layer, then the rest, over the data ranks."""
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # torch < 2.6
+            from torch.distributed._composable.fsdp import fully_shard
+
+        dp_mesh = (
+            mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
+        )
+        for model in (self.policy, self.ref_policy):
+            if model is None or is_sharded(model):
+                continue
+            layer_names = set(getattr(model, "_no_split_modules", None) or [])
+            for module in model.modules():
+                if type(module).__name__ in layer_names:
+                    fully_shard(module, mesh=dp_mesh)
+            fully_shard(model, mesh=dp_mesh)
+            mark_synced_generation(model)
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self._trainer is not None else None
         batch_size = getattr(dm, "prompts_per_step", 0) * getattr(getattr(dm, "rollout", None), "n", 0)
         if stage == "fit" and batch_size:
-            check_mini_batch(batch_size, self.algo.mini_batch_size)
+            check_mini_batch(batch_size, self.algo.mini_batch_size, self.trainer.world_size)
+
+    def on_fit_start(self) -> None:
+        self._mark_if_sharded()
+
+    def on_validation_start(self) -> None:
+        self._mark_if_sharded()
+
+    def _mark_if_sharded(self) -> None:
+        """Strategies that shard after ``configure_model`` (FSDP1) make every forward pass a collective: the
+        transformers engine must then generate in lock-step over ranks."""
+        wrapped = self.trainer.strategy.model
+        if (
+            self.policy is not None
+            and wrapped is not None
+            and self.trainer.world_size > 1
+            and is_sharded(wrapped)
+        ):
+            mark_synced_generation(self.policy)
 
     def configure_optimizers(self) -> Any:
         assert self.policy is not None
@@ -181,31 +232,38 @@ class DAPOModule(L.LightningModule):
         self.last_rollout_samples = batch.samples  # for callbacks (e.g. sample tables)
         metrics = dict(batch.metrics)
         t0 = time.perf_counter()
-        if len(batch) == 0:
+        dp = DataParallel.of(self._trainer)
+        mini_batches = self._prepare(batch, metrics, dp)
+        if not mini_batches:  # on every rank: the count is agreed
             self.print(
                 "[dapo-pl] no group with mixed answers this step: nothing to train on (see train/ds_exhausted)"
             )
-        else:
-            mini_batches = self._prepare(batch, metrics)
-            for _ in range(self.algo.ppo_epochs):
-                for micro_batches in mini_batches:
-                    metrics.update(self._optimizer_step(micro_batches, batch.temperature))
+        for _ in range(self.algo.ppo_epochs):
+            for micro_batches in mini_batches:
+                metrics.update(self._optimizer_step(micro_batches, batch.temperature, dp))
         metrics["time/update_s"] = time.perf_counter() - t0
         self._log_step(metrics)
 
-    def _prepare(self, batch: RolloutBatch, metrics: dict[str, float]) -> list[list[MicroBatch]]:
-        """Cut the batch into mini/micro-batches and attach old (and reference) log-probs, no gradient."""
+    def _prepare(
+        self, batch: RolloutBatch, metrics: dict[str, float], dp: DataParallel
+    ) -> list[list[MicroBatch]]:
+        """Cut the batch into mini/micro-batches (aligned over ranks) and attach old (and reference) log-probs."""
         assert self.policy is not None
         mini_batches = cut_batch(
             batch,
-            mini_batch_size=self.algo.mini_batch_size,
+            mini_batch_size=self.algo.mini_batch_size // dp.size,
             max_tokens=self.algo.micro_batch_max_tokens,
             pad_id=self.pad_id,
             overlong_filtering=self.algo.overlong_filtering,
         )
+        if dp.distributed:
+            mini_batches = align_micro_batches(mini_batches, dp, self.pad_id)
+        if not mini_batches:
+            return []
         mini_batches = [[mb.to(self.device) for mb in mbs] for mbs in mini_batches]
         flat = [mb for mbs in mini_batches for mb in mbs]
-        metrics.update(score_old(self.policy, flat, batch.temperature, self.ref_policy))
+        reduce = dp.sum if dp.distributed else None
+        metrics.update(score_old(self.policy, flat, batch.temperature, self.ref_policy, all_reduce=reduce))
         return mini_batches
 
     def _denominator(self, micro_batches: list[MicroBatch]) -> Tensor:
@@ -214,15 +272,22 @@ class DAPOModule(L.LightningModule):
         masks = [mb.loss_mask for mb in micro_batches]
         return token_mean_denominator(masks, all_reduce=reduce, grad_average_world_size=world)
 
-    def _optimizer_step(self, micro_batches: list[MicroBatch], temperature: float) -> dict[str, float]:
+    def _optimizer_step(
+        self, micro_batches: list[MicroBatch], temperature: float, dp: DataParallel
+    ) -> dict[str, float]:
         """One optimizer step over one mini-batch: shared denominator, backward per micro-batch, clip, step."""
         assert self.policy is not None
         opt, scheduler = self.optimizers(), self.lr_schedulers()
-        num_tokens = self._denominator(micro_batches) if self.algo.loss_agg == "token-mean" else None
+        token_mean = self.algo.loss_agg == "token-mean"
+        num_tokens = self._denominator(micro_batches) if token_mean else None
+        # seq-mean over ranks: global non-empty rows / world, as the token count above (one process: local count)
+        num_rows = max(dp.sum([count_rows(micro_batches)])[0], 1.0) / dp.size if dp.distributed else None
         totals = accumulate_gradients(
             self.policy, micro_batches, temperature=temperature, algo=self.algo, num_tokens=num_tokens,
-            backward=self.manual_backward,
+            backward=self.manual_backward, num_rows=None if token_mean else num_rows,
         )  # fmt: skip
+        if dp.distributed:
+            totals = global_totals(totals, micro_batches, dp)
         grad_norm = self._clip_gradients()
         lr = opt.param_groups[0]["lr"]
         opt.step()
@@ -231,10 +296,21 @@ class DAPOModule(L.LightningModule):
         return {**{f"train/{k}": v for k, v in totals.items()}, "train/grad_norm": grad_norm, "train/lr": lr}
 
     def _clip_gradients(self) -> float:
+        """Clip the global gradient norm (identical on every rank after the gradient all-reduce) and return it."""
         assert self.policy is not None
-        params = [p for p in self.policy.parameters() if p.grad is not None]
         max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        wrapped = self.trainer.strategy.model if self._trainer is not None else None
+        if isinstance(wrapped, FullyShardedDataParallel):
+            # FSDP1: only FSDP knows the norm of its flat shards
+            return float(wrapped.clip_grad_norm_(max_norm))
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        full_tensor = getattr(norm, "full_tensor", None)  # FSDP2: a DTensor
+        return float(full_tensor() if callable(full_tensor) else norm)
 
     def _log_step(self, metrics: dict[str, float]) -> None:
         prog = {"train/reward_mean": "reward", "train/acc": "acc", "train/kept_group_frac": "kept"}
@@ -255,21 +331,27 @@ class DAPOModule(L.LightningModule):
         self._val_correct.append(correct)
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_correct:
+        if not self._val_correct:  # the same on every rank: the datamodule gives each rank as many batches
             return
         correct = torch.cat(self._val_correct)  # [P, K]
         self._val_correct = []
-        metrics = validation_metrics(correct)
+        dp = DataParallel.of(self._trainer)
+        if dp.distributed:  # each rank scored its own prompts: sum counts over ranks
+            metrics, num_prompts = validation_metrics_from_sums(
+                dp.sum(validation_sums(correct)), correct.shape[1]
+            )
+        else:
+            metrics, num_prompts = validation_metrics(correct), correct.shape[0]
         step = self.trainer.global_step
         summary = ", ".join(f"{k} = {v:.3f}" for k, v in metrics.items())
-        self.print(f"[dapo-pl] validation at step {step}: {summary} ({correct.shape[0]} prompts)")
+        self.print(f"[dapo-pl] validation at step {step}: {summary} ({num_prompts} prompts)")
         if (
             self.trainer.sanity_checking
         ):  # Lightning drops self.log here; the step-0 point still belongs in the curve
             for logger in self.loggers:
                 logger.log_metrics(metrics, step=step)
-        else:
-            self.log_dict(metrics, batch_size=correct.shape[0])
+        else:  # the values are already global; sync_dist averages equal numbers and keeps Lightning quiet
+            self.log_dict(metrics, batch_size=max(num_prompts, 1), sync_dist=dp.distributed)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         run_id = getattr(self.logger, "run_id", None)
@@ -278,21 +360,74 @@ class DAPOModule(L.LightningModule):
 
     # ---- export -------------------------------------------------------------------------------------------
     def on_fit_end(self) -> None:
-        if self.export_dir and self.trainer.is_global_zero and self.policy is not None:
-            self.policy.save_pretrained(self.export_dir)
+        if not self.export_dir or self.policy is None:
+            return
+        state, wrapped = None, self.trainer.strategy.model
+        if wrapped is not None and self.trainer.world_size > 1 and is_sharded(wrapped):
+            # Collective: every rank helps gather the shards; rank 0 receives the full weights.
+            state = full_state_dict(wrapped, prefix="policy.")
+        if self.trainer.is_global_zero:
+            self.policy.save_pretrained(
+                self.export_dir, **({"state_dict": state} if state is not None else {})
+            )
             tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
             if tokenizer is not None:
                 tokenizer.save_pretrained(self.export_dir)
             self.print(f"[dapo-pl] policy exported to {self.export_dir}")
 
 
-def check_mini_batch(batch_size: int, mini_batch_size: int) -> None:
-    """A rollout batch of ``batch_size`` responses must split into whole mini-batches."""
+def check_mini_batch(batch_size: int, mini_batch_size: int, world_size: int = 1) -> None:
+    """A rollout batch of ``batch_size`` responses must split into whole mini-batches, each split evenly over
+    ``world_size`` data-parallel ranks."""
     if batch_size % mini_batch_size:
         raise ValueError(
             f"model.algorithm.mini_batch_size={mini_batch_size} does not divide the rollout batch of {batch_size} "
             f"responses (data.prompts_per_step x data.rollout.n); choose a divisor of {batch_size}"
         )
+    if mini_batch_size % world_size:
+        raise ValueError(
+            f"model.algorithm.mini_batch_size={mini_batch_size} (responses per optimizer step over all ranks) is "
+            f"not a multiple of the {world_size} data-parallel ranks; each rank takes mini_batch_size / world_size"
+        )
+
+
+def align_micro_batches(
+    mini_batches: list[list[MicroBatch]], dp: DataParallel, pad_id: int
+) -> list[list[MicroBatch]]:
+    """Give every rank the same number of mini-batches and, in each, the same number of micro-batches.
+
+    Ranks agree (all-reduce max) on both counts; a rank that is short (fewer kept groups, shorter sequences under
+    the token budget, or nothing at all) appends :func:`dapo_pl.batch.padding_micro_batch`, whose loss is 0.
+    So every rank runs the same optimizer steps and forward/backward passes, and no collective waits forever.
+    """
+    num = int(dp.max([len(mini_batches)])[0])
+    if num == 0:
+        return []
+    counts = [len(mbs) for mbs in mini_batches] + [0] * (num - len(mini_batches))
+    target = [int(c) for c in dp.max(counts)]
+    padded = [list(mbs) for mbs in mini_batches] + [[] for _ in range(num - len(mini_batches))]
+    for mbs, want in zip(padded, target, strict=True):
+        mbs.extend(padding_micro_batch(pad_id) for _ in range(want - len(mbs)))
+    return padded
+
+
+def global_totals(
+    totals: dict[str, float], micro_batches: list[MicroBatch], dp: DataParallel
+) -> dict[str, float]:
+    """Loss and clip statistics of the whole mini-batch from each rank's share.
+
+    Each rank's loss is its part of the global loss times the world size (the denominators are shared and
+    divided by it), so the global loss is the mean over ranks; clip fractions are token-weighted.
+    """
+    tokens = sum(float(mb.loss_mask.sum()) for mb in micro_batches)
+    loss, pg, kl, high, low, all_tokens = dp.sum(
+        [totals["loss"], totals["pg_loss"], totals["kl"], totals["clipfrac_high"] * tokens,
+         totals["clipfrac_low"] * tokens, tokens]
+    )  # fmt: skip
+    out = {"loss": loss / dp.size, "pg_loss": pg / dp.size, "kl": kl / dp.size}
+    out["clipfrac_high"] = high / max(all_tokens, 1.0)
+    out["clipfrac_low"] = low / max(all_tokens, 1.0)
+    return out
 
 
 def validation_metrics(correct: Tensor) -> dict[str, float]:
@@ -304,3 +439,21 @@ def validation_metrics(correct: Tensor) -> dict[str, float]:
     k = correct.shape[1]
     c = correct.float()  # [P, K]
     return {f"val/acc_avg_at_{k}": float(c.mean()), f"val/pass_at_{k}": float(c.amax(dim=1).mean())}
+
+
+def validation_sums(correct: Tensor) -> list[float]:
+    """``[correct samples, samples, prompts with a correct sample, prompts]`` of a ``[P, K]`` matrix (P may be 0):
+    the additive pieces of avg@K and pass@K, summed over data-parallel ranks."""
+    c = correct.float()  # [P, K]
+    passed = float(c.amax(dim=1).sum()) if c.shape[0] else 0.0
+    return [float(c.sum()), float(c.numel()), passed, float(c.shape[0])]
+
+
+def validation_metrics_from_sums(sums: list[float], k: int) -> tuple[dict[str, float], int]:
+    """avg@K and pass@K from :func:`validation_sums` added over ranks, and the number of prompts."""
+    hits, samples, passed, prompts = sums
+    metrics = {
+        f"val/acc_avg_at_{k}": hits / max(samples, 1.0),
+        f"val/pass_at_{k}": passed / max(prompts, 1.0),
+    }
+    return metrics, int(prompts)

@@ -6,7 +6,8 @@
 - :class:`GroupBuffer`: kept groups waiting to be trained on; surplus groups carry over to the next step
   instead of being thrown away (a departure from the paper's reference code, which drops them).
 - :func:`fill_batch`: the bounded refill loop: generate, score, filter until ``num_groups`` groups are kept
-  or ``max_num_gen_batches`` generation batches were spent.
+  or ``max_num_gen_batches`` generation batches were spent. With several data-parallel ranks the ranks agree
+  after every generation batch, so all of them run the same number of generation batches.
 - :func:`overlong_filter_mask`: overlong filtering, masking the loss of truncated responses.
 """
 
@@ -98,6 +99,7 @@ def fill_batch(
     *,
     max_num_gen_batches: int,
     on_exhausted: Literal["train", "raise"] = "train",
+    all_done: Callable[[bool], bool] | None = None,
 ) -> tuple[list[G_], FillStats]:
     """Generate until ``buffer`` holds ``num_groups`` kept groups, then take them.
 
@@ -106,21 +108,34 @@ def fill_batch(
     unbounded); when that bound is hit with too few groups, ``on_exhausted="train"`` returns the groups there are
     (possibly none) and ``"raise"`` raises :class:`DynamicSamplingExhausted`. Either way ``FillStats.exhausted``
     reports it so the caller can log it. Surplus kept groups stay in ``buffer`` for the next call.
+
+    Data-parallel ranks (each filling its own ``buffer`` with its own share ``num_groups``) pass ``all_done``:
+    it takes this rank's "I have my groups" and returns whether *every* rank has them (an all-reduce). A rank
+    that is full keeps generating while another is short (its surplus carries over), so every rank runs the
+    same number of generation batches: engines with collectives inside (tensor-parallel vLLM, weight gathers
+    under FSDP) need that, and it makes ``exhausted`` one decision for all ranks (``raise`` raises on every
+    rank; with ``train`` a short rank returns fewer groups than the others, possibly none).
     """
     if num_groups < 1:
         raise ValueError(f"num_groups must be >= 1, got {num_groups}")
+    agree = all_done or (lambda done: done)
     spent = generated = kept = 0
-    while len(buffer) < num_groups and (max_num_gen_batches == 0 or spent < max_num_gen_batches):
+    done = agree(len(buffer) >= num_groups)
+    while not done and (max_num_gen_batches == 0 or spent < max_num_gen_batches):
         groups = generate()
         flags = keep(groups)
         spent += 1
         generated += len(groups)
         kept += sum(flags)
         buffer.add(g for g, f in zip(groups, flags, strict=True) if f)
-    exhausted = len(buffer) < num_groups
+        done = agree(len(buffer) >= num_groups)
+    exhausted = not done
     if exhausted and on_exhausted == "raise":
+        elsewhere = (
+            " (this rank had enough; another data-parallel rank did not)" if len(buffer) >= num_groups else ""
+        )
         raise DynamicSamplingExhausted(
-            f"dynamic sampling kept {len(buffer)} of the {num_groups} groups a step needs after "
+            f"dynamic sampling kept {len(buffer)} of the {num_groups} groups a step needs{elsewhere} after "
             f"{spent} generation batches (max_num_gen_batches={max_num_gen_batches}); {generated} groups were "
             "generated and all others had identical correctness. Raise max_num_gen_batches, use easier/harder "
             "prompts, or set on_exhausted: train."

@@ -54,8 +54,13 @@ def score_old(
     micro_batches: list[MicroBatch],
     temperature: float,
     ref_policy: torch.nn.Module | None = None,
+    all_reduce: Callable[[list[float]], list[float]] | None = None,
 ) -> dict[str, float]:
-    """Attach ``old_logprobs`` (and ``ref_logprobs``) to every micro-batch; return entropy and engine-gap metrics."""
+    """Attach ``old_logprobs`` (and ``ref_logprobs``) to every micro-batch; return entropy and engine-gap metrics.
+
+    ``all_reduce`` (data-parallel ranks) sums the metrics' numerators and token counts over ranks, so the
+    metrics describe the whole batch; None: this rank's micro-batches only.
+    """
     ent_sum = ent_n = diff_sum = diff_n = 0.0
     for mb in micro_batches:
         logits = forward_logits(policy, mb)  # [b, L-1, V]
@@ -67,17 +72,28 @@ def score_old(
         if ref_policy is not None:
             ref_logits = forward_logits(ref_policy, mb)  # [b, L-1, V]
             mb.ref_logprobs = logprobs_from_logits(ref_logits, mb.input_ids[:, 1:], temperature)  # [b, L-1]
+    if all_reduce is not None:
+        ent_sum, ent_n, diff_sum, diff_n = all_reduce([ent_sum, ent_n, diff_sum, diff_n])
     metrics = {"train/entropy": ent_sum / max(ent_n, 1.0)}
     if diff_n:
         metrics["rollout/logprob_abs_diff_mean"] = diff_sum / diff_n
     return metrics
 
 
-def _row_weights(micro_batches: list[MicroBatch]) -> list[float]:
+def count_rows(micro_batches: list[MicroBatch]) -> int:
+    """Non-empty responses (rows with at least one loss token) in ``micro_batches``."""
+    return sum(int((mb.loss_mask.sum(dim=1) > 0).sum()) for mb in micro_batches)
+
+
+def _row_weights(micro_batches: list[MicroBatch], num_rows: float | None = None) -> list[float]:
     """For seq-mean aggregations: each micro-batch's share of the mini-batch's non-empty responses, so that
-    the weighted sum of micro-batch means is the mini-batch mean however the responses were split."""
+    the weighted sum of micro-batch means is the mini-batch mean however the responses were split.
+
+    ``num_rows``: the denominator shared by data-parallel ranks (global non-empty rows / gradient-averaging world
+    size, the seq-mean twin of :func:`dapo_pl.objective.token_mean_denominator`); None: this rank's own count.
+    """
     rows = [int((mb.loss_mask.sum(dim=1) > 0).sum()) for mb in micro_batches]
-    total = max(sum(rows), 1)
+    total = max(sum(rows), 1) if num_rows is None else num_rows
     return [r / total for r in rows]
 
 
@@ -89,14 +105,16 @@ def accumulate_gradients(
     algo: Any,
     num_tokens: Tensor | None,
     backward: Callable[[Tensor], None],
+    num_rows: float | None = None,
 ) -> dict[str, float]:
     """Backward the loss of every micro-batch of one mini-batch; return loss and clip statistics.
 
     ``num_tokens`` is the mini-batch's shared token-mean denominator (from
     :func:`dapo_pl.objective.token_mean_denominator`), or None for the seq-mean aggregations, which weight each
-    micro-batch by its share of responses instead. ``algo`` is the module's ``AlgorithmConfig``.
+    micro-batch by its share of responses instead (of ``num_rows`` when given: see :func:`_row_weights`).
+    ``algo`` is the module's ``AlgorithmConfig``.
     """
-    weights = _row_weights(micro_batches) if num_tokens is None else [1.0] * len(micro_batches)
+    weights = _row_weights(micro_batches, num_rows) if num_tokens is None else [1.0] * len(micro_batches)
     tokens = max(sum(float(mb.loss_mask.sum()) for mb in micro_batches), 1.0)
     totals = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clipfrac_high": 0.0, "clipfrac_low": 0.0}
     for mb, weight in zip(micro_batches, weights, strict=True):

@@ -20,6 +20,8 @@ class SamplingConfig:
         top_k: keep the k most likely tokens; 0 disables.
         max_new_tokens: the response length cap (DAPO's L_max); hitting it without EOS marks a response truncated.
         seed: base seed; generation call i uses ``seed + i``, so a run is reproducible.
+        stop: strings that end a response (besides EOS), kept in its text and tokens; a response that stops on one
+            is not truncated.
     """
 
     n: int = 8
@@ -28,6 +30,7 @@ class SamplingConfig:
     top_k: int = 0
     max_new_tokens: int = 32
     seed: int = 0
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -40,6 +43,8 @@ class SamplingConfig:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if any(not s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty, got {list(self.stop)}")
 
 
 @dataclass
@@ -47,8 +52,9 @@ class Completion:
     """One sampled response.
 
     ``token_ids`` include the EOS token when the model produced one (the model learns to stop);
-    ``truncated`` is True when generation hit ``max_new_tokens`` without EOS; ``logprobs`` are the engine's
-    log-probabilities of ``token_ids`` at the sampling temperature (None if the engine does not report them).
+    ``truncated`` is True when generation hit ``max_new_tokens`` without EOS or a stop string; ``logprobs`` are
+    the engine's log-probabilities of ``token_ids`` at the sampling temperature (None if the engine does not
+    report them).
     """
 
     token_ids: list[int]
