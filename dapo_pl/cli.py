@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import sys
 from typing import Any
 
@@ -78,12 +79,18 @@ class DAPOCLI(LightningCLI):
 
 
 def _resolve_ckpt(trainer: Any, ckpt_path: str) -> str | None:
-    if ckpt_path in ("last", "best", "hpc", "registry"):
+    """The file behind ``--ckpt_path`` (``last`` is looked up the way Lightning does, before fit starts)."""
+    if ckpt_path == "last":
+        candidates: set[str] = set()
         for cb in trainer.checkpoint_callbacks:
-            candidate = cb.last_model_path if ckpt_path == "last" else cb.best_model_path
-            if candidate:
-                return str(candidate)
+            if getattr(cb, "dirpath", None):
+                candidates |= {str(p) for p in cb._find_last_checkpoints(trainer)}
+        return max(candidates, key=lambda p: Path(p).stat().st_mtime) if candidates else None
+    if ckpt_path in ("best", "hpc", "registry"):
         return None
+    path = Path(ckpt_path)
+    if path.is_dir() and (path / "meta.pt").exists():  # distributed (sharded) checkpoint folder
+        return str(path / "meta.pt")
     return ckpt_path
 
 

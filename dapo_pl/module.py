@@ -18,6 +18,7 @@ Metrics are reduced over ranks before logging (the logger writes from rank 0). S
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -312,9 +313,15 @@ class DAPOModule(L.LightningModule):
         full_tensor = getattr(norm, "full_tensor", None)  # FSDP2: a DTensor
         return float(full_tensor() if callable(full_tensor) else norm)
 
+    def _log_metrics(self, metrics: dict[str, float]) -> None:
+        """Straight to the loggers (rank 0 only), at the optimizer-step count, so every curve shares the axis
+        ``trainer.max_steps`` counts; Lightning's own step axis counts rollout batches instead."""
+        for logger in self.loggers:
+            logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=self.trainer.global_step)
+
     def _log_step(self, metrics: dict[str, float]) -> None:
         prog = {"train/reward_mean": "reward", "train/acc": "acc", "train/kept_group_frac": "kept"}
-        self.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, on_epoch=False, batch_size=1)
+        self._log_metrics(metrics)
         self.log_dict(
             {name: float(metrics[k]) for k, name in prog.items() if k in metrics},
             prog_bar=True,
@@ -345,13 +352,18 @@ class DAPOModule(L.LightningModule):
         step = self.trainer.global_step
         summary = ", ".join(f"{k} = {v:.3f}" for k, v in metrics.items())
         self.print(f"[dapo-pl] validation at step {step}: {summary} ({num_prompts} prompts)")
+        self._log_metrics(metrics)  # also during the sanity check: the step-0 point starts the curve
         if (
-            self.trainer.sanity_checking
-        ):  # Lightning drops self.log here; the step-0 point still belongs in the curve
-            for logger in self.loggers:
-                logger.log_metrics(metrics, step=step)
-        else:  # the values are already global; sync_dist averages equal numbers and keeps Lightning quiet
-            self.log_dict(metrics, batch_size=max(num_prompts, 1), sync_dist=dp.distributed)
+            not self.trainer.sanity_checking
+        ):  # so `trainer.validate` returns them; the loggers have them already
+            self.log_dict(metrics, batch_size=max(num_prompts, 1), sync_dist=dp.distributed, logger=False)
+
+    def on_train_end(self) -> None:
+        # An endless rollout stream never ends an epoch, so ModelCheckpoint alone would not save the final state:
+        # write `last.ckpt` for every checkpoint callback that asks for one (`--ckpt_path last` resumes from it).
+        for cb in self.trainer.checkpoint_callbacks:
+            if getattr(cb, "save_last", False) and getattr(cb, "dirpath", None):
+                self.trainer.save_checkpoint(os.path.join(cb.dirpath, "last.ckpt"))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         run_id = getattr(self.logger, "run_id", None)

@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # bump when the build changes in a way the recipe does not show
 MARKER = "BUILD_OK"
 REPORT = "build_report.json"
 
@@ -60,18 +60,19 @@ PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 ANSWER_PREFIX = "Answer: "
 N_TRAIN, N_VAL = 2000, 128
 EVAL_K = 4
-MAX_NEW_TOKENS = 16  # "Answer: 1998" is 12 characters, plus EOS
+MAX_NEW_TOKENS = 16  # "Answer: 198" is 11 characters, plus EOS; room for max_digits=3 ("Answer: 1998")
 
 BATCH_SIZE = 64
 WARMUP_STEPS = 30
+CONVERGED_LOSS = 0.02  # mean response-token loss at which the clean phase may end early
 
 
 @dataclass(frozen=True)
 class Recipe:
     """Everything a build depends on; a build is reused only when all of it matches."""
 
-    sft_steps: int = 1200
-    """Supervised warm-start steps (batches of 64 fresh problems)."""
+    sft_steps: int = 1600
+    """Most supervised warm-start steps (batches of 64 fresh problems); the clean phase may end early."""
     seed: int = 0
     """Seed for the data, the initialisation and the warm start."""
     max_digits: int = 2
@@ -81,10 +82,10 @@ class Recipe:
     weight_decay: float = 0.1
     """AdamW weight decay (0.1 made the step at which the model "gets" carrying less seed-dependent than 0.01)."""
     answer_noise: float = 0.4
-    """In the last ``noisy_fraction`` of the warm start, the chance that each answer digit of a target is
+    """In the noisy phase, the chance that each answer digit of a target is
     replaced by a uniformly drawn digit: the model stays right at its argmax but unsure when sampling."""
     noisy_fraction: float = 0.25
-    """Share of the warm-start steps, at the end, trained on noisy answers."""
+    """Share of ``sft_steps`` run, at the end, on noisy answers (the noisy phase)."""
     builder_version: int = BUILDER_VERSION
 
 
@@ -236,45 +237,79 @@ def sft_batch(tokenizer: Any, problems: Sequence[tuple[int, int, str]]) -> tuple
     return ids, mask, lab
 
 
-def lr_at(step: int, steps: int, peak: float) -> float:
-    """Linear warm-up for ``WARMUP_STEPS``, then cosine decay to 10% of ``peak``."""
+def lr_at(step: int, steps: int, peak: float, end: float) -> float:
+    """Cosine decay from ``peak`` to ``end`` over ``steps``, after a linear warm-up over ``WARMUP_STEPS``."""
     if step < WARMUP_STEPS:
         return peak * (step + 1) / WARMUP_STEPS
-    progress = (step - WARMUP_STEPS) / max(1, steps - WARMUP_STEPS)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    progress = min(1.0, (step - WARMUP_STEPS) / max(1, steps - WARMUP_STEPS))
+    return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def warm_start(model: Any, tokenizer: Any, recipe: Recipe, exclude: set[str]) -> float:
-    """Supervised warm start on fresh problems (never a val prompt); returns the mean loss of the last 50 steps."""
+def draw_batch(
+    rng: random.Random, recipe: Recipe, noise: float, exclude: set[str]
+) -> list[tuple[int, int, str]]:
+    """``BATCH_SIZE`` fresh problems (never a prompt in ``exclude``) with their possibly noisy target answers."""
+    problems: list[tuple[int, int, str]] = []
+    while len(problems) < BATCH_SIZE:
+        a, b = sample_problem(rng, recipe.max_digits)
+        if prompt_text(a, b) not in exclude:
+            problems.append((a, b, noisy_answer(str(a + b), rng, noise)))
+    return problems
+
+
+def warm_start(model: Any, tokenizer: Any, recipe: Recipe, exclude: set[str]) -> dict[str, float]:
+    """Supervised warm start on fresh problems (never a val prompt), in two phases.
+
+    Clean phase: true answers, until the mean loss of the last 50 steps is below ``CONVERGED_LOSS`` (the
+    model has learned to add; when that happens varies a lot with the seed) or ``sft_steps - noisy_steps``
+    steps have run; learning rate cosine from ``lr`` to ``lr / 4``. Noisy phase: ``noisy_steps`` steps on
+    noisy answers (``answer_noise``), learning rate cosine from ``lr / 4`` to ``lr / 10``.
+    Returns the step counts of both phases and the mean loss of the last 50 steps.
+    """
     import torch
 
     rng = random.Random(recipe.seed + 1)
     opt = torch.optim.AdamW(
         model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=recipe.weight_decay
     )
-    model.train()
+    noisy_steps = round(recipe.sft_steps * recipe.noisy_fraction)
+    clean_cap = recipe.sft_steps - noisy_steps
+    clean_steps: int | None = None  # set when the clean phase ends
     recent: list[float] = []
-    steps = recipe.sft_steps
-    for step in range(steps):
-        noise = recipe.answer_noise if step >= steps * (1 - recipe.noisy_fraction) else 0.0
-        problems: list[tuple[int, int, str]] = []
-        while len(problems) < BATCH_SIZE:
-            a, b = sample_problem(rng, recipe.max_digits)
-            if prompt_text(a, b) not in exclude:
-                problems.append((a, b, noisy_answer(str(a + b), rng, noise)))
-        ids, mask, labels = sft_batch(tokenizer, problems)
+    model.train()
+    for step in range(recipe.sft_steps):
+        converged = len(recent) == 50 and sum(recent) / 50 < CONVERGED_LOSS
+        if clean_steps is None and (step == clean_cap or converged):
+            clean_steps = step
+        if clean_steps is None:
+            lr, noise = lr_at(step, clean_cap, recipe.lr, recipe.lr / 4), 0.0
+        elif step - clean_steps < noisy_steps:
+            since = WARMUP_STEPS + step - clean_steps  # past the warm-up: the noisy phase has none
+            lr, noise = (
+                lr_at(since, WARMUP_STEPS + noisy_steps, recipe.lr / 4, recipe.lr / 10),
+                recipe.answer_noise,
+            )
+        else:
+            break
+        ids, mask, labels = sft_batch(tokenizer, draw_batch(rng, recipe, noise, exclude))
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, recipe.lr)
+            group["lr"] = lr
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss  # mean over response tokens
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         recent = (recent + [loss.item()])[-50:]
-        if step % 100 == 0 or step == steps - 1:
-            print(f"  sft step {step:4d}/{steps}  loss {loss.item():.4f}", flush=True)
+        if step % 100 == 0 or step == clean_steps:
+            phase = "clean" if clean_steps is None else "noisy"
+            print(f"  sft step {step:4d} ({phase})  lr {lr:.2e}  loss {loss.item():.4f}", flush=True)
     model.eval()
-    return sum(recent) / max(1, len(recent))
+    clean = recipe.sft_steps if clean_steps is None else clean_steps
+    return {
+        "clean_steps": clean,
+        "noisy_steps": min(noisy_steps, recipe.sft_steps - clean),
+        "final_loss": sum(recent) / max(1, len(recent)),
+    }
 
 
 # ------------------------------------------------------------------------------------------ evaluate
@@ -336,8 +371,34 @@ def score(rows: Sequence[dict[str, str]], responses: Sequence[Sequence[Any]]) ->
     return {"acc": correct / total, "format": formatted / total}
 
 
+def target_probability(
+    model: Any, tokenizer: Any, rows: Sequence[dict[str, str]], temperature: float
+) -> float:
+    """Mean over ``rows`` of the probability, sampling at ``temperature``, of exactly the target response
+    (``"Answer: 67"`` then EOS): the sampled accuracy without sampling noise (a slight underestimate, since
+    e.g. ``"Answer:67"`` also passes the verifier).
+
+    Shapes: ``logits`` ``[B, T, V]``; the log-probability of token t+1 is read at position t.
+    """
+    import torch
+
+    problems = []
+    for r in rows:
+        a, b = r["prompt"].removesuffix("=").split("+")
+        problems.append((int(a), int(b), r["answer"]))
+    ids, mask, labels = sft_batch(tokenizer, problems)  # [B, T] each
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits.double() / temperature  # [B, T, V]
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)  # [B, T-1, V]
+    target = labels[:, 1:]  # [B, T-1]
+    picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T-1]
+    seq_logp = (picked * (target != -100)).sum(-1)  # [B]
+    return seq_logp.exp().mean().item()
+
+
 def evaluate(model: Any, tokenizer: Any, rows: Sequence[dict[str, str]], seed: int) -> dict[str, float]:
-    """Greedy accuracy, and sampled accuracy (K=4, top_p 1) at temperatures 1.0 and 0.5, on ``rows``."""
+    """Greedy accuracy, and sampled accuracy (K=4, top_p 1) at temperatures 1.0 and 0.5, on ``rows``;
+    also the exact expectation of the sampled accuracies (``*_target_prob``, see :func:`target_probability`)."""
     import torch
 
     torch.manual_seed(seed)
@@ -347,6 +408,8 @@ def evaluate(model: Any, tokenizer: Any, rows: Sequence[dict[str, str]], seed: i
         s = score(rows, generate(model, tokenizer, prompts, temperature=temperature, k=k))
         metrics[f"{name}_acc"] = s["acc"]
         metrics[f"{name}_format"] = s["format"]
+        if temperature > 0:
+            metrics[f"{name}_target_prob"] = target_probability(model, tokenizer, rows, temperature)
     return metrics
 
 
@@ -429,7 +492,7 @@ def _build_fresh(out: Path, recipe: Recipe) -> dict[str, Any]:
 
     tokenizer = make_tokenizer()
     model = make_model(tokenizer, seed)
-    loss = warm_start(model, tokenizer, recipe, exclude={r["prompt"] for r in val})
+    sft = warm_start(model, tokenizer, recipe, exclude={r["prompt"] for r in val})
     sft_seconds = time.perf_counter() - start
     model.save_pretrained(out / "model", safe_serialization=True)
     tokenizer.save_pretrained(out / "model")
@@ -446,7 +509,7 @@ def _build_fresh(out: Path, recipe: Recipe) -> dict[str, Any]:
             "unk": tokenizer.unk_token_id,
         },
         "vocab_size": len(tokenizer),
-        "sft_final_loss": loss,
+        "sft": sft,
         "sft_seconds": round(sft_seconds, 1),
         "build_seconds": round(time.perf_counter() - start, 1),
         "val": {"n_prompts": len(val), "k": EVAL_K, **metrics},
@@ -464,10 +527,12 @@ def summary(report: dict[str, Any], out: Path) -> str:
         [
             f"quickstart build in {out} ({'up to date, nothing to do' if report['skipped'] else 'built'})",
             f"  args: {json.dumps(report['args'])}",
-            f"  build time {report['build_seconds']} s (warm start {report['sft_seconds']} s), "
+            f"  build time {report['build_seconds']} s (warm start {report['sft_seconds']} s: "
+            f"{report['sft']['clean_steps']} clean + {report['sft']['noisy_steps']} noisy steps), "
             f"{report['params']:,} parameters, model folder {report['model_bytes'] / 1e6:.1f} MB",
             f"  val ({v['n_prompts']} prompts): greedy acc {v['greedy_acc']:.3f}, "
             f"sampled acc (K={v['k']}) at T=1.0 {v['t1_acc']:.3f}, at T=0.5 {v['t05_acc']:.3f}",
+            f"  exact P(target response): T=1.0 {v['t1_target_prob']:.3f}, T=0.5 {v['t05_target_prob']:.3f}",
             f"  well-formed responses: greedy {v['greedy_format']:.3f}, T=1.0 {v['t1_format']:.3f}, "
             f"T=0.5 {v['t05_format']:.3f}",
         ]

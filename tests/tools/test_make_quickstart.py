@@ -171,3 +171,33 @@ def test_score_uses_the_verifier_rule():
     # correct: the text after the last "Answer:", stripped, equals "3" -> samples 1, 3, 4
     # well-formed: exactly "Answer: <digits>" and EOS -> samples 1, 2
     assert mq.score(rows, responses) == {"acc": 0.75, "format": 0.5}
+
+
+def test_target_probability_matches_a_loop(built):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = built
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    model = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    rows = _read_jsonl(out / "data" / "val.jsonl")[:3]  # prompts of different lengths -> padding
+    expected = []
+    for row in rows:
+        prompt = tok.encode(row["prompt"])
+        response = tok.encode("Answer: " + row["answer"]) + [tok.eos_token_id]
+        prob = 1.0
+        for i, token in enumerate(response):
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + response[:i]])).logits[0, -1].double()
+            prob *= torch.softmax(logits / 0.7, -1)[token].item()
+        expected.append(prob)
+    got = mq.target_probability(model, tok, rows, 0.7)
+    assert got == pytest.approx(sum(expected) / len(expected), rel=1e-4)  # float32 forward, batched vs not
+
+
+def test_noisy_answer():
+    rng = mq.random.Random(0)
+    assert mq.noisy_answer("1234", rng, 0.0) == "1234"
+    noisy = [mq.noisy_answer("55555", rng, 1.0) for _ in range(20)]
+    assert all(len(a) == 5 and a.isdigit() for a in noisy)
+    assert any(a != "55555" for a in noisy)
