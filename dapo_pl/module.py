@@ -322,8 +322,11 @@ class DAPOModule(L.LightningModule):
     def _log_step(self, metrics: dict[str, float]) -> None:
         prog = {"train/reward_mean": "reward", "train/acc": "acc", "train/kept_group_frac": "kept"}
         self._log_metrics(metrics)
+        # Also into trainer.callback_metrics (for callbacks and the progress bar), not to the loggers a second time.
+        values = {k: float(v) for k, v in metrics.items()}
+        self.log_dict(values, on_step=True, on_epoch=False, batch_size=1, logger=False)
         self.log_dict(
-            {name: float(metrics[k]) for k, name in prog.items() if k in metrics},
+            {name: values[k] for k, name in prog.items() if k in values},
             prog_bar=True,
             logger=False,
             batch_size=1,

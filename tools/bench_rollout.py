@@ -20,9 +20,10 @@ How to run
     Engines and dtype: ``--engines transformers vllm vllm-inproc``, ``--dtype float32``.
 
 How long
-    About 5 minutes on 2 CPU cores with the defaults (each vLLM engine starts in 15-30 s; the transformers engine
-    at 512 sequences x 64 tokens takes tens of seconds per call). The machines are shared: the load average is
-    printed before and after, compare only numbers taken in one run.
+    About 7 minutes on 2 (busy) CPU cores with the defaults: each vLLM engine starts in 5-40 s, the transformers
+    engine takes seconds to tens of seconds per call. ``--make-model 256:4 --max-new-tokens 32 128 --repeats 2``
+    took 40 minutes, almost all of it the transformers engine. The machines are shared: the load average is printed
+    before and after; compare only numbers taken in one run.
 """
 
 from __future__ import annotations
@@ -221,6 +222,18 @@ def sync_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _run_worker(cmd: list[str]) -> tuple[int, str]:
+    """Run one engine's worker, echoing its ``[bench]`` progress lines; returns its exit code and output tail."""
+    tail: list[str] = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("[bench]"):
+                print(line, end="", flush=True)
+            tail = (tail + [line])[-60:]
+    return proc.returncode, "".join(tail)
+
+
 def _vllm_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -259,10 +272,10 @@ def main(argv: list[str] | None = None) -> int:
             ]
             cmd += ["--prompts", *map(str, args.prompts), "--n", str(args.n), "--dtype", args.dtype]
             cmd += ["--max-new-tokens", *map(str, args.max_new_tokens), "--repeats", str(args.repeats)]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                print(done.stderr[-4000:], file=sys.stderr)
-                raise SystemExit(f"the {engine} benchmark failed (exit {done.returncode})")
+            returncode, tail = _run_worker(cmd)
+            if returncode != 0:
+                print(tail, file=sys.stderr)
+                raise SystemExit(f"the {engine} benchmark failed (exit {returncode})")
             results.append(json.loads(result_path.read_text()))
             print(f"[bench] {engine} done", flush=True)
         load_after = os.getloadavg()
