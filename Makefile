@@ -7,7 +7,7 @@ QUICKSTART := artifacts/quickstart
 setup:
 	bash tools/setup.sh
 
-## Build the tiny model + data (about a minute, once), then train it with DAPO on CPU (about 10 minutes).
+## Build the tiny model + data (2-3 minutes, once), then train it with DAPO on CPU (under 2 minutes).
 quickstart: setup
 	$(PY) tools/make_quickstart.py --out $(QUICKSTART)
 	.venv/bin/dapo-pl fit --config configs/quickstart.yaml
