@@ -170,5 +170,13 @@ class SystemMetricsCallback(L.Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._monitor is not None:
-            self._monitor.finish()  # stops the thread and flushes what it sampled
-            self._monitor = None
+            monitor, self._monitor = self._monitor, None
+            monitor.finish()  # stops the thread and flushes what it sampled
+            # MLflow's monitor drops a partly sampled interval at shutdown, so a fit shorter than sampling_interval
+            # would have no system metrics at all: log one closing sample.
+            try:
+                monitor.collect_metrics()
+                monitor.publish_metrics(monitor.aggregate_metrics())
+                monitor.mlflow_logger.flush()
+            except Exception as exc:  # the run may already be closed; metrics are best effort here
+                rank_zero_warn(f"could not log the closing system-metrics sample: {exc}")
