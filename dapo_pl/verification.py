@@ -98,7 +98,9 @@ class _Registry:
             raise VerifierError(f"plugin {plugin!r}: the factory of verifier {name!r} is not callable")
         if name in self.verifiers:
             other = self.verifiers[name].plugin
-            raise VerifierError(f"verifier {name!r} is registered twice: by plugin {other!r} and by {plugin!r}")
+            raise VerifierError(
+                f"verifier {name!r} is registered twice: by plugin {other!r} and by {plugin!r}"
+            )
         if description is None:
             lines = (factory.__doc__ or "").strip().splitlines()
             description = lines[0] if lines else ""
@@ -138,7 +140,9 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
         try:
             plugin = ep.load()
         except Exception as exc:  # a broken third-party plugin must say which one it is
-            raise VerifierError(f"could not load verifier plugin {ep.name!r} ({ep.value}) from {dist!r}: {exc}") from exc
+            raise VerifierError(
+                f"could not load verifier plugin {ep.name!r} ({ep.value}) from {dist!r}: {exc}"
+            ) from exc
         pm.register(plugin, name=ep.name)
         _DISTRIBUTIONS[ep.name] = dist
 
@@ -173,7 +177,9 @@ def available_verifiers(pm: pluggy.PluginManager | None = None) -> dict[str, Ver
     return registry.verifiers
 
 
-def build_verifier(name: str, options: Mapping[str, Any] | None = None, pm: pluggy.PluginManager | None = None) -> Verifier:
+def build_verifier(
+    name: str, options: Mapping[str, Any] | None = None, pm: pluggy.PluginManager | None = None
+) -> Verifier:
     """The verifier ``name`` configured with ``options``, wrapped so its output is checked on every call."""
     verifiers = available_verifiers(pm)
     if name not in verifiers:
@@ -204,7 +210,11 @@ class _CheckedVerifier:
             if not isinstance(v, Verdict):
                 raise VerifierError(f"{where} returned {type(v).__name__} for sample {i}; expected Verdict")
             if not isinstance(v.reward, (int, float)) or not math.isfinite(v.reward):
-                raise VerifierError(f"{where} returned a non-finite or non-numeric reward {v.reward!r} for sample {i}")
+                raise VerifierError(
+                    f"{where} returned a non-finite or non-numeric reward {v.reward!r} for sample {i}"
+                )
             if v.correct is not None and not isinstance(v.correct, bool):
-                raise VerifierError(f"{where} returned correct={v.correct!r} for sample {i}; expected bool or None")
+                raise VerifierError(
+                    f"{where} returned correct={v.correct!r} for sample {i}; expected bool or None"
+                )
         return verdicts

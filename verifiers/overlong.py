@@ -36,7 +36,9 @@ class Overlong:
             if max_len is None:
                 verdicts.append(Verdict(0.0, None, None, "overlong: no max_len configured or known"))
                 continue
-            penalty = overlong_penalty(torch.tensor([s.response_length]), max_len, self.cache_len, self.factor)
+            penalty = overlong_penalty(
+                torch.tensor([s.response_length]), max_len, self.cache_len, self.factor
+            )
             verdicts.append(Verdict(float(penalty[0]), None, None, None))
         return verdicts
 

@@ -16,7 +16,9 @@ from dapo_pl.engines.base import Completion, RolloutEngine, SamplingConfig
 ENGINES = ("transformers", "vllm")
 
 
-def build_engine(name: str, model_name_or_path: str, tokenizer: Any, options: dict[str, Any] | None = None) -> RolloutEngine:
+def build_engine(
+    name: str, model_name_or_path: str, tokenizer: Any, options: dict[str, Any] | None = None
+) -> RolloutEngine:
     """The rollout engine ``name`` (one of :data:`ENGINES`) with engine-specific ``options``."""
     options = dict(options or {})
     if name == "transformers":

@@ -82,10 +82,14 @@ class TransformersEngine:
         if self.return_logprobs:
             logits = torch.stack(result.logits, dim=1).float()  # [P*n, Tn, V]
             logprobs = logprobs_from_logits(logits, new_tokens, params.temperature)  # [P*n, Tn]
-        completions = [self._completion(new_tokens[i], logprobs, i, params) for i in range(new_tokens.shape[0])]
+        completions = [
+            self._completion(new_tokens[i], logprobs, i, params) for i in range(new_tokens.shape[0])
+        ]
         return [completions[p * params.n : (p + 1) * params.n] for p in range(len(prompts))]
 
-    def _completion(self, tokens: Tensor, logprobs: Tensor | None, i: int, params: SamplingConfig) -> Completion:
+    def _completion(
+        self, tokens: Tensor, logprobs: Tensor | None, i: int, params: SamplingConfig
+    ) -> Completion:
         ids = tokens.tolist()
         end = next((j for j, t in enumerate(ids) if t in self.eos_ids), None)
         if params.stop:  # a stop string before any EOS ends the response there (pads follow it)
@@ -123,7 +127,9 @@ class TransformersEngine:
 
 def _eos_ids(tokenizer: Any) -> list[int]:
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token: responses could never end; set one in the tokenizer")
+        raise ValueError(
+            "the tokenizer has no eos_token: responses could never end; set one in the tokenizer"
+        )
     return [int(tokenizer.eos_token_id)]
 
 
