@@ -18,7 +18,7 @@ How to run
     ablation's own). The CPU rows need the quickstart's model and data (``make quickstart`` builds them).
 
 How long
-    The CPU miniature: six rows of a few minutes each on 2 CPU cores (each row's header gives its time).
+    The CPU miniature: about 3 minutes for the six rows on 2 idle CPU cores (each row's header gives its time).
 """
 
 from __future__ import annotations
