@@ -43,6 +43,12 @@ class Score:
     verdict: Verdict
 
 
+def total_reward(verdicts: Sequence[Verdict]) -> float:
+    """One sample's reward: the correctness verdict's plus every shaping verdict's (the one place of this rule,
+    shared by training and ``dapo-pl verify``)."""
+    return float(sum(v.reward for v in verdicts))
+
+
 class RewardFunction:
     """Scores batches of samples with the configured verifiers (built once, reused every step)."""
 
@@ -57,11 +63,9 @@ class RewardFunction:
                 f"the correctness verifier {self.correctness.info.name!r} returned correct=None; "
                 "pure shaping verifiers (like overlong) belong under reward.shaping"
             )
-        totals = [v.reward for v in base]
-        for verifier in self.shaping:
-            for i, v in enumerate(verifier(samples)):
-                totals[i] += v.reward
-        return [Score(t, bool(v.correct), v) for t, v in zip(totals, base, strict=True)]
+        shaping = [verifier(samples) for verifier in self.shaping]
+        per_sample = zip(base, *shaping, strict=True)
+        return [Score(total_reward(vs), bool(vs[0].correct), vs[0]) for vs in per_sample]
 
     def close(self) -> None:
         for v in [self.correctness, *self.shaping]:

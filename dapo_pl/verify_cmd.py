@@ -30,6 +30,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from dapo_pl.rewards import total_reward
 from dapo_pl.verification import (
     PLUGINS_ENV,
     Sample,
@@ -190,7 +191,7 @@ def _combine(verdicts: Sequence[Verdict]) -> dict[str, Any]:
     first = verdicts[0]
     errors = [v.error for v in verdicts if v.error]
     return {
-        "reward": float(sum(v.reward for v in verdicts)),
+        "reward": total_reward(verdicts),
         "correct": first.correct,
         "extracted": first.extracted,
         "error": "; ".join(errors) if errors else None,
