@@ -31,8 +31,38 @@ from torch import Tensor
 from dapo_pl.batch import MicroBatch, RolloutBatch, padding_micro_batch
 from dapo_pl.data import check_model_source
 from dapo_pl.distributed import DataParallel, full_state_dict, is_sharded, mark_synced_generation
-from dapo_pl.objective import AGGREGATIONS, token_mean_denominator
+from dapo_pl.objective import AGGREGATIONS, check_correction_args, token_mean_denominator
 from dapo_pl.update import accumulate_gradients, count_rows, cut_batch, score_old
+
+
+@dataclass(frozen=True)
+class RolloutCorrectionConfig:
+    """Correction of the rollout engine/trainer mismatch (docs/rollout-correction.md); off by default.
+
+    The rollout ratio ``rho = pi_old_trainer / pi_engine`` of each sampled token (or, at sequence level, its
+    product over the response) corrects for the engine (e.g. bf16 vLLM) not reproducing the trainer's numbers.
+
+    Attributes:
+        mode: ``off``; ``tis`` (truncated importance sampling: each token's policy-gradient term times
+            ``min(rho, clip)``); ``mis`` (masked IS, IcePop-style: tokens or responses with ``rho`` outside
+            ``[low, high]`` leave the loss and the token-mean denominator); ``both``.
+        level: ``token`` (per token) or ``sequence`` (``rho`` = the product over the response, on all its tokens).
+        clip: TIS truncation (>= 1). verl's default is 2.
+        low: MIS lower bound (in [0, 1]).
+        high: MIS upper bound (>= 1). Sequence ratios spread much wider than token ratios: widen the bounds.
+    """
+
+    mode: Literal["off", "tis", "mis", "both"] = "off"
+    level: Literal["token", "sequence"] = "token"
+    clip: float = 2.0
+    low: float = 0.5
+    high: float = 2.0
+
+    def __post_init__(self) -> None:
+        try:
+            check_correction_args(self.mode, self.level, self.clip, self.low, self.high)
+        except ValueError as err:
+            raise ValueError(f"model.algorithm.rollout_correction: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -51,6 +81,10 @@ class AlgorithmConfig:
         mini_batch_size: responses per optimizer step, over all data-parallel ranks (each takes
             ``mini_batch_size / world_size``); the batch (prompts_per_step x n) must be a multiple.
         micro_batch_max_tokens: token budget (padded) of one forward/backward pass.
+        rollout_correction: TIS / MIS correction of the engine/trainer mismatch (off by default).
+        old_logprobs: the old policy of the PPO ratio: ``trainer`` (a forward pass of the trainer before the
+            update) or ``engine`` (the rollout engine's own log-probs: no old-log-prob pass; the engine must
+            return log-probs; carried-over groups, which have none, are still scored by the trainer).
     """
 
     eps_low: float = 0.2
@@ -63,6 +97,8 @@ class AlgorithmConfig:
     ppo_epochs: int = 1
     mini_batch_size: int = 512
     micro_batch_max_tokens: int = 8192
+    rollout_correction: RolloutCorrectionConfig = RolloutCorrectionConfig()
+    old_logprobs: Literal["trainer", "engine"] = "trainer"
 
     def __post_init__(self) -> None:
         for name in ("eps_low", "eps_high"):
@@ -79,6 +115,7 @@ class AlgorithmConfig:
         for name in ("ppo_epochs", "mini_batch_size", "micro_batch_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"algorithm.{name} must be >= 1, got {getattr(self, name)}")
+        check_old_logprobs(self.old_logprobs, self.rollout_correction.mode)
 
 
 @dataclass(frozen=True)
@@ -104,6 +141,28 @@ class OptimConfig:
     total_steps: int = 1000
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
+
+
+def check_old_logprobs(old_logprobs: str, correction_mode: str) -> None:
+    """``old_logprobs`` is ``trainer`` or ``engine``; with ``engine`` the rollout ratio is 1 by construction."""
+    if old_logprobs not in ("trainer", "engine"):
+        raise ValueError(f"algorithm.old_logprobs must be 'trainer' or 'engine', got {old_logprobs!r}")
+    if old_logprobs == "engine" and correction_mode != "off":
+        raise ValueError(
+            f"algorithm.old_logprobs='engine' makes the engine's log-probs the old policy, so the rollout ratio "
+            f"pi_old / pi_engine is 1 and rollout_correction.mode={correction_mode!r} has nothing to correct; "
+            "set rollout_correction.mode: off, or old_logprobs: trainer"
+        )
+
+
+def check_engine_logprobs(engine: Any) -> None:
+    """``old_logprobs: engine`` needs an engine that reports the log-probs of what it sampled."""
+    if not getattr(engine, "return_logprobs", False):
+        raise ValueError(
+            f"model.algorithm.old_logprobs='engine' needs log-probs from the rollout engine, but "
+            f"{type(engine).__name__} returns none (return_logprobs is off or unsupported); set "
+            "data.engine.options.return_logprobs: true, or model.algorithm.old_logprobs: trainer"
+        )
 
 
 def lr_factor(step: int, cfg: OptimConfig) -> float:

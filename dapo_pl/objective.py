@@ -14,6 +14,8 @@ Where each technique of DAPO (Yu et al., 2025, arXiv 2503.14476) lives:
 - Overlong reward shaping (Sec. 3.4, Eq. 13): :func:`overlong_penalty`. Overlong *filtering* is a loss
   mask built on the data side; masked tokens leave the denominator automatically.
 - Metrics: :func:`clip_fractions`, :func:`token_entropy`; log-probs: :func:`logprobs_from_logits`.
+- Not in the paper, every peer ships it: rollout correction of the engine/trainer mismatch (TIS weights, MIS /
+  IcePop masks), :func:`rollout_correction` and its metrics; off by default (docs/rollout-correction.md).
 
 Departures from the paper, all optional or harmless by default:
 
@@ -29,6 +31,7 @@ Departures from the paper, all optional or harmless by default:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -210,6 +213,7 @@ def policy_loss(
     clip_ratio_c: float | None = None,
     agg: str = "token-mean",
     num_tokens: float | Tensor | None = None,
+    is_weights: Tensor | None = None,
 ) -> Tensor:
     """Clipped policy-gradient loss with decoupled clip bounds (Clip-Higher), to be minimised.
 
@@ -228,6 +232,8 @@ def policy_loss(
             policy; old_logprobs carries no gradient.
         advantages: ``[B]`` (one per response) or ``[B, T]``.
         mask: ``[B, T]`` bool or 0/1 float, 1 on response tokens that count in the loss.
+        is_weights: ``[B, T]`` or None; the rollout-correction (TIS) weight of each token's term, detached
+            (:func:`rollout_correction`); None: weight 1.
         returns: ``[]``.
 
     Raises:
@@ -244,6 +250,12 @@ def policy_loss(
         # Dual clip: with A < 0 a huge ratio would make the loss (and the step) unbounded.
         capped = torch.minimum(per_token, -adv * clip_ratio_c)  # [B, T]
         per_token = torch.where(adv < 0, capped, per_token)  # [B, T]
+    if is_weights is not None:  # rollout correction (TIS): a detached weight on each token's term
+        if is_weights.shape != per_token.shape:
+            raise ValueError(
+                f"is_weights must be [B, T] = {tuple(per_token.shape)}, got {tuple(is_weights.shape)}"
+            )
+        per_token = per_token * is_weights.detach()  # [B, T]
     return aggregate(per_token, mask, agg, num_tokens)
 
 
@@ -380,3 +392,229 @@ def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.
         logits = logits / temperature  # [B, T, V]
     picked = torch.gather(logits, dim=-1, index=tokens.long().unsqueeze(-1)).squeeze(-1)  # [B, T]
     return picked - torch.logsumexp(logits, dim=-1)  # [B, T]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rollout correction: the engine/trainer mismatch (TIS and MIS / IcePop). See docs/rollout-correction.md.
+# ---------------------------------------------------------------------------------------------------------
+
+CORRECTION_MODES = ("off", "tis", "mis", "both")
+CORRECTION_LEVELS = ("token", "sequence")
+# Bound of the log-ratio in the *metrics* only (the weights never need it): exp(20) ~ 4.9e8, so the sums of
+# squared sequence weights stay finite in float64 for any batch. verl bounds its ratios the same way.
+METRIC_LOG_RATIO_BOUND = 20.0
+# Keys of :func:`rollout_correction_sums` that are maxima (reduced with max); every other key is a sum.
+CORRECTION_MAX_KEYS = ("ratio_max",)
+
+
+def check_correction_args(mode: str, level: str, clip: float, low: float, high: float) -> None:
+    """Raise a ``ValueError`` naming the bad rollout-correction argument (shared with the module's config)."""
+    if mode not in CORRECTION_MODES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, CORRECTION_MODES))}; got {mode!r}")
+    if level not in CORRECTION_LEVELS:
+        raise ValueError(f"level must be one of {', '.join(map(repr, CORRECTION_LEVELS))}; got {level!r}")
+    if not clip >= 1:
+        raise ValueError(
+            f"clip must be >= 1 (TIS truncates the ratio at clip; below 1 it would shrink the gradient of "
+            f"tokens the engine and the trainer agree on), got {clip}"
+        )
+    if not 0 <= low <= 1 <= high:
+        raise ValueError(
+            f"MIS bounds must satisfy 0 <= low <= 1 <= high (a ratio of 1, engine and trainer agreeing, is "
+            f"always kept), got low={low}, high={high}"
+        )
+    if low == high:
+        raise ValueError(f"MIS bounds low and high must differ, got low = high = {low}")
+
+
+def rollout_log_ratio(old_logprobs: Tensor, engine_logprobs: Tensor, engine_mask: Tensor) -> Tensor:
+    """Per-token log of the rollout ratio ``pi_old_trainer / pi_engine``; 0 (a ratio of 1) where there is none.
+
+    ``engine_mask`` is 1 on response tokens whose engine log-prob is known: 0 on padding and prompt tokens and on
+    whole rows of carried-over groups (sampled one update earlier, their engine log-probs are dropped, see
+    :func:`dapo_pl.datamodule.build_rollout_batch`). Those get a log-ratio of 0, so no correction touches them.
+    Hand-worked: ``old = [-1.0, -2.0]``, ``engine = [-1.5, -1.0]``, mask ``[1, 1]`` -> ``[0.5, -1.0]``,
+    ratios ``[e^0.5, e^-1] = [1.6487, 0.3679]``.
+
+    Shapes:
+        old_logprobs, engine_logprobs, engine_mask: ``[B, T]``; returns ``[B, T]``, detached.
+    """
+    if old_logprobs.shape != engine_logprobs.shape or old_logprobs.shape != engine_mask.shape:
+        raise ValueError(
+            "old_logprobs, engine_logprobs and engine_mask must have equal shapes, got "
+            f"{tuple(old_logprobs.shape)}, {tuple(engine_logprobs.shape)}, {tuple(engine_mask.shape)}"
+        )
+    diff = (old_logprobs - engine_logprobs).detach()  # [B, T]
+    return torch.where(engine_mask != 0, diff, torch.zeros_like(diff))  # [B, T]
+
+
+def _level_log_ratio(log_ratio: Tensor, level: str) -> Tensor:
+    """Token level: the log-ratio itself; sequence level: each row's sum (log of the product), on every token."""
+    if level == "token":
+        return log_ratio  # [B, T]
+    return log_ratio.sum(dim=1, keepdim=True).expand_as(log_ratio)  # [B, T]
+
+
+def tis_weights(log_ratio: Tensor, engine_mask: Tensor, *, level: str = "token", clip: float = 2.0) -> Tensor:
+    """Truncated importance-sampling weights ``min(rho, clip)`` of each token's policy-gradient term.
+
+    - ``level="token"``: ``rho_t = pi_old_trainer(y_t) / pi_engine(y_t)``, per token (verl ``rollout_is: token``,
+      TRL ``token_truncate``).
+    - ``level="sequence"``: ``rho = prod_t rho_t = exp(sum_t log rho_t)`` over the response's tokens, the
+      standard sequence-level importance weight of the whole response (verl ``rollout_is: sequence``, TRL
+      ``sequence_truncate``; *not* the geometric mean, which verl uses only for rejection), on every token.
+
+    Computed as ``exp(min(log rho, log clip))``, so no ratio overflows however long the response. Tokens without an
+    engine log-prob (``engine_mask == 0``: padding, carried-over rows) get weight 1. The weights carry no
+    gradient: they multiply the loss like the advantage does. Hand-worked, ``clip = 2``: log-ratios
+    ``[0.5, -1.0, 1.0]`` of one row give token weights ``[1.6487, 0.3679, 2]`` (``e^1 = 2.718`` truncated) and the
+    sequence weight ``min(e^0.5, 2) = 1.6487`` on all three.
+
+    Shapes:
+        log_ratio: ``[B, T]`` from :func:`rollout_log_ratio`; engine_mask: ``[B, T]``; returns ``[B, T]``.
+    """
+    check_correction_args("tis", level, clip, 0.0, 1.0)
+    unit = _level_log_ratio(log_ratio.detach(), level)  # [B, T]
+    weights = torch.exp(unit.clamp(max=math.log(clip)))  # [B, T]
+    return torch.where(engine_mask != 0, weights, torch.ones_like(weights))  # [B, T]
+
+
+def mis_keep_mask(
+    log_ratio: Tensor, engine_mask: Tensor, *, level: str = "token", low: float = 0.5, high: float = 2.0
+) -> Tensor:
+    """Masked importance sampling (MIS; IcePop at token level): keep a token only if its ratio is in ``[low, high]``.
+
+    The ratio is ``rho_t`` (token level) or the sequence's ``prod_t rho_t`` (sequence level: the whole response
+    is kept or dropped), as in :func:`tis_weights`. Multiply the loss mask by the result *before* the token-mean
+    denominator is counted, so the dropped tokens leave it like any other masked token. Tokens without an engine
+    log-prob are kept (there is nothing to compare). Hand-worked, ``[low, high] = [0.5, 2]``: log-ratios
+    ``[0.5, -1.0, 1.0]`` keep ``[True, False, False]`` (``e^-1 = 0.37 < 0.5``, ``e^1 = 2.7 > 2``) at token level and
+    all three at sequence level (``e^0.5 = 1.65``).
+
+    Shapes:
+        log_ratio, engine_mask: ``[B, T]``; returns ``[B, T]`` bool.
+    """
+    check_correction_args("mis", level, 1.0, low, high)
+    unit = _level_log_ratio(log_ratio.detach(), level)  # [B, T]
+    lower = math.log(low) if low > 0 else -math.inf
+    inside = (unit >= lower) & (unit <= math.log(high))  # [B, T]
+    return inside | (engine_mask == 0)  # [B, T]
+
+
+def rollout_correction(
+    old_logprobs: Tensor,
+    engine_logprobs: Tensor,
+    engine_mask: Tensor,
+    loss_mask: Tensor,
+    *,
+    mode: str,
+    level: str = "token",
+    clip: float = 2.0,
+    low: float = 0.5,
+    high: float = 2.0,
+) -> tuple[Tensor, Tensor]:
+    """The rollout correction of one micro-batch: TIS weights and the MIS-corrected loss mask.
+
+    ``mode``: ``"off"`` (weights 1, mask unchanged), ``"tis"`` (:func:`tis_weights`), ``"mis"``
+    (:func:`mis_keep_mask`) or ``"both"`` (masked tokens dropped, the kept ones weighted). Pass the weights to
+    :func:`policy_loss` (``is_weights=``) and use the returned mask for everything downstream: the loss, the KL
+    term and :func:`token_mean_denominator`. Every quantity is per row, so the result does not depend on how
+    the rows are split into micro-batches or ranks.
+
+    Shapes:
+        old_logprobs, engine_logprobs, engine_mask, loss_mask: ``[B, T]``.
+        returns: ``(is_weights [B, T], loss_mask [B, T])``, both detached; the mask keeps ``loss_mask``'s dtype.
+    """
+    check_correction_args(mode, level, clip, low, high)
+    log_ratio = rollout_log_ratio(old_logprobs, engine_logprobs, engine_mask)  # [B, T]
+    weights = torch.ones_like(log_ratio)  # [B, T]
+    if mode in ("tis", "both"):
+        weights = tis_weights(log_ratio, engine_mask, level=level, clip=clip)  # [B, T]
+    if mode in ("mis", "both"):
+        keep = mis_keep_mask(log_ratio, engine_mask, level=level, low=low, high=high)  # [B, T]
+        loss_mask = torch.where(keep, loss_mask, torch.zeros_like(loss_mask))  # [B, T]
+    return weights, loss_mask
+
+
+@torch.no_grad()
+def rollout_correction_sums(
+    old_logprobs: Tensor,
+    engine_logprobs: Tensor,
+    engine_mask: Tensor,
+    loss_mask: Tensor,
+    *,
+    mode: str,
+    level: str = "token",
+    clip: float = 2.0,
+    low: float = 0.5,
+    high: float = 2.0,
+) -> dict[str, float]:
+    """Additive pieces (and one maximum) of the rollout-correction metrics of one micro-batch.
+
+    Counted over *units*: tokens with an engine log-prob and a loss weight at token level, responses with at
+    least one such token at sequence level; ``loss_mask`` is the mask *before* MIS. Ratios are bounded to
+    ``exp(+-METRIC_LOG_RATIO_BOUND)`` here only. Add the sums over micro-batches and ranks and take the max of
+    :data:`CORRECTION_MAX_KEYS` (:func:`combine_correction_sums`), then :func:`rollout_correction_metrics`.
+    Keys: ``units``, ``ratio_sum``, ``ratio_max``, ``truncated`` (units with ``rho > clip`` when TIS is on),
+    ``masked`` (units outside ``[low, high]`` when MIS is on), ``seqs``, ``seq_w_sum``, ``seq_w_sq_sum`` (the
+    sequence weights ``prod_t rho_t`` of every response, at any level, for the effective sample size).
+
+    Shapes:
+        old_logprobs, engine_logprobs, engine_mask, loss_mask: ``[B, T]``; returns floats.
+    """
+    check_correction_args(mode, level, clip, low, high)
+    active = (engine_mask != 0) & (loss_mask != 0)  # [B, T]
+    log_ratio = rollout_log_ratio(old_logprobs, engine_logprobs, active).double()  # [B, T]
+    seq_log = log_ratio.sum(dim=1)[active.any(dim=1)]  # [S]
+    unit_log = log_ratio[active] if level == "token" else seq_log  # [N]: tokens, or S responses
+    # The decisions use the unbounded log-ratio and the same comparisons as tis_weights / mis_keep_mask.
+    no = torch.zeros_like(unit_log, dtype=torch.bool)  # [N]
+    truncated = unit_log > math.log(clip) if mode in ("tis", "both") else no  # [N]
+    lower = math.log(low) if low > 0 else -math.inf
+    masked = ~((unit_log >= lower) & (unit_log <= math.log(high))) if mode in ("mis", "both") else no  # [N]
+    bound = METRIC_LOG_RATIO_BOUND
+    unit_ratio = unit_log.clamp(-bound, bound).exp()  # [N]
+    seq_ratio = seq_log.clamp(-bound, bound).exp()  # [S]
+    return {
+        "units": float(unit_ratio.numel()),
+        "ratio_sum": float(unit_ratio.sum()),
+        "ratio_max": float(unit_ratio.max()) if unit_ratio.numel() else 0.0,
+        "truncated": float(truncated.sum()),
+        "masked": float(masked.sum()),
+        "seqs": float(seq_ratio.numel()),
+        "seq_w_sum": float(seq_ratio.sum()),
+        "seq_w_sq_sum": float((seq_ratio**2).sum()),
+    }
+
+
+def combine_correction_sums(parts: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Merge :func:`rollout_correction_sums` of several micro-batches: sums add, maxima take the max."""
+    if not parts:
+        raise ValueError("parts must hold at least one dict of rollout_correction_sums")
+    return {
+        key: max(p[key] for p in parts) if key in CORRECTION_MAX_KEYS else sum(p[key] for p in parts)
+        for key in parts[0]
+    }
+
+
+def rollout_correction_metrics(sums: dict[str, float]) -> dict[str, float]:
+    """``rollout/*`` metrics from :func:`rollout_correction_sums` reduced over micro-batches and ranks.
+
+    - ``rollout/is_ratio_mean``, ``rollout/is_ratio_max``: the raw (untruncated) ratio of the units.
+    - ``rollout/is_truncated_frac``: share of units whose TIS weight was truncated at ``clip``.
+    - ``rollout/masked_frac``: share of units MIS dropped from the loss (and from the denominator).
+    - ``rollout/ess``: normalised effective sample size of the sequence weights ``w_i = prod_t rho_t``,
+      ``(sum_i w_i)^2 / (N sum_i w_i^2)``, in ``(0, 1]``; 1 when engine and trainer agree.
+    Hand-worked: sequence weights ``[1, 1, 4]`` give ``36 / (3 * 18) = 0.667``. Empty (no engine log-prob
+    anywhere, e.g. a step of carried-over groups only): no metric at all, rather than a misleading 0.
+    """
+    if sums["units"] == 0:
+        return {}
+    units = sums["units"]
+    return {
+        "rollout/is_ratio_mean": sums["ratio_sum"] / units,
+        "rollout/is_ratio_max": sums["ratio_max"],
+        "rollout/is_truncated_frac": sums["truncated"] / units,
+        "rollout/masked_frac": sums["masked"] / units,
+        "rollout/ess": sums["seq_w_sum"] ** 2 / (sums["seqs"] * sums["seq_w_sq_sum"]),
+    }
