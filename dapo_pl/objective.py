@@ -31,7 +31,6 @@ Departures from the paper, all optional or harmless by default:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -464,7 +463,8 @@ def tis_weights(log_ratio: Tensor, engine_mask: Tensor, *, level: str = "token",
       standard sequence-level importance weight of the whole response (verl ``rollout_is: sequence``, TRL
       ``sequence_truncate``; *not* the geometric mean, which verl uses only for rejection), on every token.
 
-    Computed as ``exp(min(log rho, log clip))``, so no ratio overflows however long the response. Tokens without an
+    Computed as ``min(exp(log rho), clip)``: exactly ``clip`` when truncated (in any dtype), and a product that
+    overflows to ``inf`` on a long response becomes ``clip`` too, never ``nan``. Tokens without an
     engine log-prob (``engine_mask == 0``: padding, carried-over rows) get weight 1. The weights carry no
     gradient: they multiply the loss like the advantage does. Hand-worked, ``clip = 2``: log-ratios
     ``[0.5, -1.0, 1.0]`` of one row give token weights ``[1.6487, 0.3679, 2]`` (``e^1 = 2.718`` truncated) and the
@@ -475,7 +475,7 @@ def tis_weights(log_ratio: Tensor, engine_mask: Tensor, *, level: str = "token",
     """
     check_correction_args("tis", level, clip, 0.0, 1.0)
     unit = _level_log_ratio(log_ratio.detach(), level)  # [B, T]
-    weights = torch.exp(unit.clamp(max=math.log(clip)))  # [B, T]
+    weights = torch.exp(unit).clamp(max=clip)  # [B, T]
     return torch.where(engine_mask != 0, weights, torch.ones_like(weights))  # [B, T]
 
 
@@ -495,9 +495,8 @@ def mis_keep_mask(
         log_ratio, engine_mask: ``[B, T]``; returns ``[B, T]`` bool.
     """
     check_correction_args("mis", level, 1.0, low, high)
-    unit = _level_log_ratio(log_ratio.detach(), level)  # [B, T]
-    lower = math.log(low) if low > 0 else -math.inf
-    inside = (unit >= lower) & (unit <= math.log(high))  # [B, T]
+    ratio = torch.exp(_level_log_ratio(log_ratio.detach(), level))  # [B, T]; an overflow (inf) is > high
+    inside = (ratio >= low) & (ratio <= high)  # [B, T]
     return inside | (engine_mask == 0)  # [B, T]
 
 
@@ -567,11 +566,11 @@ def rollout_correction_sums(
     log_ratio = rollout_log_ratio(old_logprobs, engine_logprobs, active).double()  # [B, T]
     seq_log = log_ratio.sum(dim=1)[active.any(dim=1)]  # [S]
     unit_log = log_ratio[active] if level == "token" else seq_log  # [N]: tokens, or S responses
-    # The decisions use the unbounded log-ratio and the same comparisons as tis_weights / mis_keep_mask.
-    no = torch.zeros_like(unit_log, dtype=torch.bool)  # [N]
-    truncated = unit_log > math.log(clip) if mode in ("tis", "both") else no  # [N]
-    lower = math.log(low) if low > 0 else -math.inf
-    masked = ~((unit_log >= lower) & (unit_log <= math.log(high))) if mode in ("mis", "both") else no  # [N]
+    # The decisions use the unbounded ratio and the same comparisons as tis_weights / mis_keep_mask.
+    exact = unit_log.exp()  # [N]
+    no = torch.zeros_like(exact, dtype=torch.bool)  # [N]
+    truncated = exact > clip if mode in ("tis", "both") else no  # [N]
+    masked = ~((exact >= low) & (exact <= high)) if mode in ("mis", "both") else no  # [N]
     bound = METRIC_LOG_RATIO_BOUND
     unit_ratio = unit_log.clamp(-bound, bound).exp()  # [N]
     seq_ratio = seq_log.clamp(-bound, bound).exp()  # [S]

@@ -10,6 +10,9 @@ effective sample size ``(sum w)^2 / (N sum w^2)``. Tolerances are 1e-10 in float
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -316,3 +319,160 @@ def test_config_validates_with_errors_that_name_the_key() -> None:
         AlgorithmConfig(old_logprobs="rollout")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"old_logprobs='engine' .* nothing to correct"):
         AlgorithmConfig(old_logprobs="engine", rollout_correction=RolloutCorrectionConfig(mode="tis"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A real fit with a deliberately mismatched engine.
+# ---------------------------------------------------------------------------------------------------------
+
+
+class NoisyEngine:
+    """The real transformers engine, with seeded Gaussian noise (std ``noise`` nats) added to the log-probs it
+    reports: a deliberately mismatched engine. The tokens are really sampled by the policy; only the reported
+    log-probs are off, as a bf16 engine's are (a GPU with bf16 vLLM, the real case, is not available here)."""
+
+    def __init__(self, tokenizer: Any, noise: float, return_logprobs: bool = True) -> None:
+        from dapo_pl.engines.hf import TransformersEngine
+
+        self.inner = TransformersEngine(tokenizer, return_logprobs=return_logprobs)
+        self.return_logprobs = return_logprobs
+        self.noise = noise
+        self.calls = 0
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        self.inner.sync_weights(model)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def generate(self, prompts: list[list[int]], params: Any, seed: int) -> list[list[Any]]:
+        out = self.inner.generate(prompts, params, seed)
+        g = torch.Generator().manual_seed(1000 + self.calls)
+        self.calls += 1
+        for group in out:
+            for c in group:
+                if c.logprobs is not None:
+                    noise = self.noise * torch.randn(len(c.logprobs), generator=g, dtype=F64)
+                    c.logprobs = [lp + float(e) for lp, e in zip(c.logprobs, noise, strict=True)]
+        return out
+
+
+def _recording_module(**kwargs: Any) -> Any:
+    from dapo_pl.module import DAPOModule
+
+    class Recording(DAPOModule):
+        """Keeps a copy of every micro-batch after its optimizer step (old log-probs, weights, masks)."""
+
+        seen: list[dict[str, torch.Tensor]]
+
+        def _optimizer_step(self, micro_batches: list[Any], *args: Any, **kw: Any) -> dict[str, float]:
+            out = super()._optimizer_step(micro_batches, *args, **kw)
+            fields = (
+                "old_logprobs",
+                "rollout_logprobs",
+                "rollout_mask",
+                "response_mask",
+                "loss_mask",
+                "is_weights",
+            )
+            for mb in micro_batches:
+                self.seen.append(
+                    {f: getattr(mb, f).detach().clone() for f in fields if getattr(mb, f) is not None}
+                )
+            return out
+
+    module = Recording(**kwargs)
+    module.seen = []
+    return module
+
+
+def _noisy_fit(qs: Path, tmp_path: Path, algorithm: Any, *, mini_batch_size: int, noise: float = 0.5,
+               return_logprobs: bool = True, max_steps: int = 4) -> tuple[Any, list[dict[str, float]]]:  # fmt: skip
+    """A few steps of the quickstart model (warm-started, so groups are mixed) with a :class:`NoisyEngine`:
+    8 prompts x 4 responses per rollout step; returns the module and the metrics logged at each step."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+    from transformers import AutoTokenizer
+
+    from dapo_pl.data import PromptDataConfig
+    from dapo_pl.datamodule import DAPODataModule, DynamicSamplingConfig
+    from dapo_pl.engines import SamplingConfig
+    from dapo_pl.module import OptimConfig
+
+    dm = DAPODataModule(
+        train=PromptDataConfig(str(qs / "data" / "train.jsonl")), model_name_or_path=str(qs / "model"),
+        prompts_per_step=8, rollout=SamplingConfig(n=4, max_new_tokens=12),
+        dynamic_sampling=DynamicSamplingConfig(max_num_gen_batches=2, gen_batch_prompts=12),
+    )  # fmt: skip
+    dm.engine = NoisyEngine(AutoTokenizer.from_pretrained(qs / "model"), noise, return_logprobs)
+    module = _recording_module(
+        model_name_or_path=str(qs / "model"), algorithm=replace(algorithm, mini_batch_size=mini_batch_size),
+        optim=OptimConfig(lr=1e-4, weight_decay=0.0, warmup_steps=0),
+    )  # fmt: skip
+    logged: list[dict[str, float]] = []
+
+    class Metrics(Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
+            logged.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=-1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[Metrics()],
+        default_root_dir=str(tmp_path),
+    )  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    return module, logged
+
+
+def _unit_ratio(rec: dict[str, torch.Tensor], level: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rollout ratio of each token's unit (token, or the response's product) and where it is defined."""
+    fresh = (rec["rollout_mask"] != 0) & (rec["response_mask"] != 0)  # [b, L-1]
+    log_ratio = torch.where(fresh, rec["old_logprobs"] - rec["rollout_logprobs"], 0.0).double()  # [b, L-1]
+    if level == "sequence":
+        log_ratio = log_ratio.sum(dim=1, keepdim=True).expand_as(log_ratio)
+    return log_ratio.exp(), fresh
+
+
+CASES = {
+    # mini-batch 32 = the whole rollout batch: the exactly on-policy path (no separate old-log-prob pass)
+    "tis-token-on-policy": ("tis", "token", 2.0, 0.5, 2.0, 32),
+    "both-token": ("both", "token", 1.5, 0.5, 2.0, 16),
+    "mis-sequence": ("mis", "sequence", 2.0, 0.2, 5.0, 16),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_real_fit_with_a_mismatched_engine(quickstart_dir: Path, tmp_path: Path, case: tuple) -> None:
+    """With engine log-probs off by N(0, 0.5) nats per token: the TIS weight of every corrected token is
+    ``min(rho, clip)``, never above ``clip`` (and some do hit it), and MIS drops exactly the tokens (or responses)
+    whose ratio is outside ``[low, high]`` and nothing else; the logged fractions count the same tokens."""
+    from dapo_pl.module import AlgorithmConfig, RolloutCorrectionConfig
+
+    mode, level, clip, low, high, mini_batch = case
+    cfg = RolloutCorrectionConfig(mode=mode, level=level, clip=clip, low=low, high=high)
+    module, logged = _noisy_fit(quickstart_dir, tmp_path, AlgorithmConfig(rollout_correction=cfg),
+                                mini_batch_size=mini_batch)  # fmt: skip
+    assert module.seen and logged
+    truncated = masked = units = 0
+    for rec in module.seen:
+        ratio, fresh = _unit_ratio(rec, level)
+        weights = rec["is_weights"].double()
+        if mode in ("tis", "both"):
+            assert (weights[fresh] <= clip + 1e-12).all()
+            torch.testing.assert_close(weights[fresh], ratio[fresh].clamp(max=clip), rtol=1e-6, atol=1e-9)
+            truncated += int((ratio[fresh] > clip).sum())
+        assert weights[~fresh].eq(1.0).all()  # carried-over rows and padding: weight 1
+        outside = fresh & ((ratio < low) | (ratio > high))  # [b, L-1]
+        expected = rec["response_mask"] * (~outside if mode in ("mis", "both") else torch.ones_like(outside))
+        assert torch.equal(rec["loss_mask"], expected)  # exactly the out-of-range tokens are dropped
+        masked += int(outside.sum())
+        units += int(fresh.sum())
+    assert units > 0
+    if mode in ("tis", "both"):
+        assert truncated > 0  # the bound was really exercised
+        assert max(m.get("rollout/is_truncated_frac", 0.0) for m in logged) > 0
+    if mode in ("mis", "both"):
+        assert 0 < masked < units
+        assert max(m.get("rollout/masked_frac", 0.0) for m in logged) > 0
+    assert min(m["rollout/ess"] for m in logged if "rollout/ess" in m) < 1
