@@ -61,6 +61,7 @@ class MicroBatch:
     rollout_mask: Tensor
     old_logprobs: Tensor | None = None
     ref_logprobs: Tensor | None = None
+    is_weights: Tensor | None = None  # [b, L-1] rollout-correction (TIS) weights; None: 1
 
     def to(self, device: torch.device) -> MicroBatch:
         moved = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()}

@@ -402,7 +402,17 @@ CORRECTION_LEVELS = ("token", "sequence")
 # Bound of the log-ratio in the *metrics* only (the weights never need it): exp(20) ~ 4.9e8, so the sums of
 # squared sequence weights stay finite in float64 for any batch. verl bounds its ratios the same way.
 METRIC_LOG_RATIO_BOUND = 20.0
-# Keys of :func:`rollout_correction_sums` that are maxima (reduced with max); every other key is a sum.
+# Keys of :func:`rollout_correction_sums`; ``CORRECTION_MAX_KEYS`` are maxima (reduced with max), the others sums.
+CORRECTION_SUM_KEYS = (
+    "units",
+    "ratio_sum",
+    "ratio_max",
+    "truncated",
+    "masked",
+    "seqs",
+    "seq_w_sum",
+    "seq_w_sq_sum",
+)
 CORRECTION_MAX_KEYS = ("ratio_max",)
 
 
@@ -574,16 +584,17 @@ def rollout_correction_sums(
     bound = METRIC_LOG_RATIO_BOUND
     unit_ratio = unit_log.clamp(-bound, bound).exp()  # [N]
     seq_ratio = seq_log.clamp(-bound, bound).exp()  # [S]
-    return {
-        "units": float(unit_ratio.numel()),
-        "ratio_sum": float(unit_ratio.sum()),
-        "ratio_max": float(unit_ratio.max()) if unit_ratio.numel() else 0.0,
-        "truncated": float(truncated.sum()),
-        "masked": float(masked.sum()),
-        "seqs": float(seq_ratio.numel()),
-        "seq_w_sum": float(seq_ratio.sum()),
-        "seq_w_sq_sum": float((seq_ratio**2).sum()),
-    }
+    values = [
+        torch.tensor(float(unit_ratio.numel()), dtype=torch.float64, device=unit_ratio.device),
+        unit_ratio.sum(),
+        unit_ratio.max() if unit_ratio.numel() else unit_ratio.new_zeros(()),
+        truncated.sum().double(),
+        masked.sum().double(),
+        torch.tensor(float(seq_ratio.numel()), dtype=torch.float64, device=unit_ratio.device),
+        seq_ratio.sum(),
+        (seq_ratio**2).sum(),
+    ]
+    return dict(zip(CORRECTION_SUM_KEYS, torch.stack(values).tolist(), strict=True))  # one device sync
 
 
 def combine_correction_sums(parts: Sequence[dict[str, float]]) -> dict[str, float]:

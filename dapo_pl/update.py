@@ -18,12 +18,19 @@ import torch
 from torch import Tensor
 
 from dapo_pl.batch import MicroBatch, RolloutBatch, collate, mini_batch_slices, split_by_token_budget
+from dapo_pl.distributed import DataParallel
 from dapo_pl.objective import (
+    CORRECTION_MAX_KEYS,
+    CORRECTION_SUM_KEYS,
     aggregate,
     clip_fractions,
+    combine_correction_sums,
     kl_penalty,
     logprobs_from_logits,
     policy_loss,
+    rollout_correction,
+    rollout_correction_metrics,
+    rollout_correction_sums,
     token_entropy,
 )
 from dapo_pl.sampling import overlong_filter_mask
@@ -124,7 +131,7 @@ def accumulate_gradients(
         )  # [b, L-1]
         pg = weight * policy_loss(
             logprobs, mb.old_logprobs, mb.advantages, mb.loss_mask, eps_low=algo.eps_low, eps_high=algo.eps_high,
-            clip_ratio_c=algo.clip_ratio_c, agg=algo.loss_agg, num_tokens=num_tokens,
+            clip_ratio_c=algo.clip_ratio_c, agg=algo.loss_agg, num_tokens=num_tokens, is_weights=mb.is_weights,
         )  # fmt: skip
         loss = pg
         if mb.ref_logprobs is not None and algo.kl_coef > 0:
@@ -147,3 +154,48 @@ def accumulate_gradients(
         totals["clipfrac_high"] += float(high) * share
         totals["clipfrac_low"] += float(low) * share
     return totals
+
+
+def correct_rollouts(micro_batches: list[MicroBatch], correction: Any, dp: DataParallel) -> dict[str, float]:
+    """Apply the rollout correction to every micro-batch (its ``old_logprobs`` set); return the ``rollout/*`` metrics.
+
+    Sets ``mb.is_weights`` (TIS) and replaces ``mb.loss_mask`` by the MIS-corrected mask
+    (:func:`dapo_pl.objective.rollout_correction`), so call it before the token-mean denominator is counted: the
+    masked tokens then leave it. ``correction`` is the module's ``RolloutCorrectionConfig``; with mode ``off`` only
+    the metrics are computed. The metric sums are reduced over the micro-batches and over ``dp``'s ranks (a
+    collective: every rank calls it, with its padding micro-batches if it has nothing else).
+    """
+    kw = {"mode": correction.mode, "level": correction.level, "clip": correction.clip, "low": correction.low,
+          "high": correction.high}  # fmt: skip
+    parts = []
+    for mb in micro_batches:
+        if mb.old_logprobs is None:
+            raise ValueError("correct_rollouts needs the micro-batches' old_logprobs (score_old first)")
+        args = (mb.old_logprobs, mb.rollout_logprobs, mb.rollout_mask, mb.loss_mask)
+        parts.append(rollout_correction_sums(*args, **kw))  # of the mask before MIS
+        if correction.mode != "off":
+            mb.is_weights, mb.loss_mask = rollout_correction(*args, **kw)  # [b, L-1] each
+    sums = combine_correction_sums(parts) if parts else dict.fromkeys(CORRECTION_SUM_KEYS, 0.0)
+    keys = [k for k in sums if k not in CORRECTION_MAX_KEYS]
+    reduced = dict(zip(keys, dp.sum([sums[k] for k in keys]), strict=True))
+    reduced.update(zip(CORRECTION_MAX_KEYS, dp.max([sums[k] for k in CORRECTION_MAX_KEYS]), strict=True))
+    return rollout_correction_metrics(reduced)
+
+
+def use_engine_logprobs(micro_batches: list[MicroBatch]) -> None:
+    """``old_logprobs: engine`` (bypass): the engine's log-probs are the old policy wherever it reported one.
+
+    Tokens without one (carried-over groups) keep the trainer's ``old_logprobs`` when they were scored; if they
+    were not, a loss token without any old log-prob is an error naming the cause.
+    """
+    for mb in micro_batches:
+        has_engine = mb.rollout_mask != 0  # [b, L-1]
+        if mb.old_logprobs is None:
+            if bool(((mb.loss_mask != 0) & ~has_engine).any()):
+                raise ValueError(
+                    "model.algorithm.old_logprobs='engine': a response to train on has no engine log-probs (the "
+                    "rollout engine returned none); set old_logprobs: trainer or make the engine return log-probs"
+                )
+            mb.old_logprobs = mb.rollout_logprobs
+        else:
+            mb.old_logprobs = torch.where(has_engine, mb.rollout_logprobs, mb.old_logprobs)  # [b, L-1]

@@ -476,3 +476,86 @@ def test_real_fit_with_a_mismatched_engine(quickstart_dir: Path, tmp_path: Path,
         assert 0 < masked < units
         assert max(m.get("rollout/masked_frac", 0.0) for m in logged) > 0
     assert min(m["rollout/ess"] for m in logged if "rollout/ess" in m) < 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Partition invariance of the corrected update (a real float64 transformer, tests/dapo_pl/test_update.py's).
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _engine_batch(noise: float = 0.4) -> Any:
+    """test_update's batch with engine log-probs: the scoring policy's own plus N(0, noise) per token; response
+    5 has none (a carried-over group's)."""
+    from test_update import _batch, _cast, _policy
+
+    from dapo_pl.update import cut_batch, score_old
+
+    batch = _batch()
+    (mbs,) = cut_batch(
+        batch, mini_batch_size=len(batch), max_tokens=10_000, pad_id=0, overlong_filtering=False
+    )
+    (mb,) = _cast(mbs)
+    score_old(_policy(), [mb], batch.temperature)
+    assert mb.old_logprobs is not None
+    g = torch.Generator().manual_seed(7)
+    lps: list[torch.Tensor | None] = []
+    for i, (seq, lp) in enumerate(zip(batch.sequences, batch.prompt_lengths, strict=True)):
+        trainer = mb.old_logprobs[i, lp - 1 : len(seq) - 1]
+        lps.append(trainer + noise * torch.randn(len(trainer), generator=g, dtype=F64))
+    lps[5] = None
+    return replace(batch, rollout_logprobs=lps)
+
+
+def _corrected_gradient(batch: Any, algo: Any, ranks: list[list[int]] | None = None) -> torch.Tensor:
+    """The gradient of one optimizer step with the correction applied after the old pass, cut with
+    ``algo.micro_batch_max_tokens``, over ``ranks`` (row lists; DDP's average of the ranks' gradients)."""
+    from test_update import _cast, _perturb, _policy
+
+    from dapo_pl.distributed import DataParallel
+    from dapo_pl.update import accumulate_gradients, correct_rollouts, cut_batch, score_old
+
+    ranks = ranks or [list(range(len(batch)))]
+    cut = []
+    for idx in ranks:
+        sub = replace(batch, sequences=[batch.sequences[i] for i in idx],
+                      prompt_lengths=[batch.prompt_lengths[i] for i in idx], advantages=batch.advantages[idx],
+                      truncated=batch.truncated[idx], rollout_logprobs=[batch.rollout_logprobs[i] for i in idx])  # fmt: skip
+        (mbs,) = cut_batch(sub, mini_batch_size=len(idx), max_tokens=algo.micro_batch_max_tokens, pad_id=0,
+                           overlong_filtering=False)  # fmt: skip
+        mbs = _cast(mbs)
+        score_old(_policy(), mbs, batch.temperature)
+        correct_rollouts(mbs, algo.rollout_correction, DataParallel())  # before the denominator
+        cut.append(mbs)
+    total = torch.tensor(sum(int((mb.loss_mask != 0).sum()) for mbs in cut for mb in mbs))
+    grads = []
+    for mbs in cut:
+        policy = _policy()
+        _perturb(policy)
+        num_tokens = token_mean_denominator([mb.loss_mask for mb in mbs], all_reduce=lambda t: total,
+                                            grad_average_world_size=len(ranks))  # fmt: skip
+        accumulate_gradients(policy, mbs, temperature=batch.temperature, algo=algo, num_tokens=num_tokens,
+                             backward=torch.Tensor.backward)  # fmt: skip
+        grads.append(torch.cat([p.grad.flatten() for p in policy.parameters()]))
+    return sum(grads) / len(ranks)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("mode", ["tis", "mis", "both"])
+def test_corrected_update_is_partition_invariant(mode: str, level: str) -> None:
+    """1 micro-batch vs >= 3 micro-batches vs 2 uneven ranks: the same gradient with the correction on, and a
+    different one from the uncorrected update (so the correction really acts)."""
+    from dapo_pl.module import AlgorithmConfig, RolloutCorrectionConfig
+
+    batch = _engine_batch()
+    cfg = RolloutCorrectionConfig(
+        mode=mode, level=level, clip=1.5, **({"low": 0.2, "high": 5.0} if level == "sequence" else {})
+    )
+    whole = _corrected_gradient(batch, AlgorithmConfig(rollout_correction=cfg, micro_batch_max_tokens=10_000))
+    split = _corrected_gradient(batch, AlgorithmConfig(rollout_correction=cfg, micro_batch_max_tokens=24))
+    ranks = _corrected_gradient(batch, AlgorithmConfig(rollout_correction=cfg, micro_batch_max_tokens=24),
+                                ranks=[[0, 1, 2], [3, 4, 5, 6, 7]])  # fmt: skip
+    assert whole.abs().max() > 1e-3
+    torch.testing.assert_close(split, whole, rtol=0, atol=1e-10)
+    torch.testing.assert_close(ranks, whole, rtol=0, atol=1e-10)
+    plain = _corrected_gradient(batch, AlgorithmConfig(micro_batch_max_tokens=10_000))
+    assert (plain - whole).abs().max() > 1e-4
