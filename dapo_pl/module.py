@@ -32,7 +32,14 @@ from dapo_pl.batch import MicroBatch, RolloutBatch, padding_micro_batch
 from dapo_pl.data import check_model_source
 from dapo_pl.distributed import DataParallel, full_state_dict, is_sharded, mark_synced_generation
 from dapo_pl.objective import AGGREGATIONS, check_correction_args, token_mean_denominator
-from dapo_pl.update import accumulate_gradients, count_rows, cut_batch, score_old
+from dapo_pl.update import (
+    accumulate_gradients,
+    correct_rollouts,
+    count_rows,
+    cut_batch,
+    score_old,
+    use_engine_logprobs,
+)
 
 
 @dataclass(frozen=True)
@@ -259,6 +266,8 @@ class DAPOModule(L.LightningModule):
         batch_size = getattr(dm, "prompts_per_step", 0) * getattr(getattr(dm, "rollout", None), "n", 0)
         if stage == "fit" and batch_size:
             check_mini_batch(batch_size, self.algo.mini_batch_size, self.trainer.world_size)
+        if stage == "fit" and self.algo.old_logprobs == "engine" and dm is not None:
+            check_engine_logprobs(dm.engine)  # the DataModule's setup (which builds the engine) ran first
 
     def on_fit_start(self) -> None:
         self._mark_if_sharded()
@@ -322,9 +331,25 @@ class DAPOModule(L.LightningModule):
             return []
         mini_batches = [[mb.to(self.device) for mb in mbs] for mbs in mini_batches]
         flat = [mb for mbs in mini_batches for mb in mbs]
-        reduce = dp.sum if dp.distributed else None
-        metrics.update(score_old(self.policy, flat, batch.temperature, self.ref_policy, all_reduce=reduce))
+        metrics.update(self._score_old(flat, batch, dp))
         return mini_batches
+
+    def _score_old(self, flat: list[MicroBatch], batch: RolloutBatch, dp: DataParallel) -> dict[str, float]:
+        """Old log-probs (the trainer's pass, or the engine's own with ``old_logprobs: engine``), then the rollout
+        correction, before any token-mean denominator is counted (MIS-masked tokens leave it)."""
+        assert self.policy is not None
+        reduce = dp.sum if dp.distributed else None
+        bypass = self.algo.old_logprobs == "engine"
+        # Carried-over groups have no engine log-probs: then every rank still runs the trainer's pass (the share
+        # is global, so all ranks agree and a sharded model's collective forwards stay in step).
+        carried = batch.metrics.get("train/carried_group_frac", 0.0) > 0
+        metrics = {}
+        if not bypass or carried or self.ref_policy is not None:
+            metrics = score_old(self.policy, flat, batch.temperature, self.ref_policy, all_reduce=reduce)
+        if bypass:
+            use_engine_logprobs(flat)
+            return metrics
+        return {**metrics, **correct_rollouts(flat, self.algo.rollout_correction, dp)}
 
     def _denominator(self, micro_batches: list[MicroBatch]) -> Tensor:
         world = self.trainer.world_size

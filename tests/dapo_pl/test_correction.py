@@ -17,6 +17,11 @@ from typing import Any
 import pytest
 import torch
 
+# Helpers of the sibling test modules (pytest puts tests/dapo_pl on sys.path): their tiny float64 transformer
+# and batch (test_update), their scripted engine, 1-vs-2-rank fit and comparison (test_distributed).
+from test_distributed import ScriptedEngine, _assert_same_update, _fit, tiny  # noqa: F401
+from test_update import _batch, _cast, _perturb, _policy
+
 from dapo_pl.objective import (
     combine_correction_sums,
     mis_keep_mask,
@@ -387,9 +392,13 @@ def _recording_module(**kwargs: Any) -> Any:
 
 
 def _noisy_fit(qs: Path, tmp_path: Path, algorithm: Any, *, mini_batch_size: int, noise: float = 0.5,
-               return_logprobs: bool = True, max_steps: int = 4) -> tuple[Any, list[dict[str, float]]]:  # fmt: skip
-    """A few steps of the quickstart model (warm-started, so groups are mixed) with a :class:`NoisyEngine`:
-    8 prompts x 4 responses per rollout step; returns the module and the metrics logged at each step."""
+               return_logprobs: bool = True, max_steps: int = 4, gen_batch_prompts: int = 12,
+               ) -> tuple[Any, list[dict[str, float]]]:  # fmt: skip
+    """A few steps of the quickstart model (warm-started, so some groups are mixed) with a :class:`NoisyEngine`:
+    8 prompts x 4 responses per rollout step, generated ``gen_batch_prompts`` at a time without filtering, so
+    the surplus is carried over to the next step (12: every step but the first trains on 4 carried-over groups;
+    8: none, every step exactly on-policy when one mini-batch takes it all); returns the module and the metrics
+    logged at each step."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback
     from transformers import AutoTokenizer
@@ -402,7 +411,7 @@ def _noisy_fit(qs: Path, tmp_path: Path, algorithm: Any, *, mini_batch_size: int
     dm = DAPODataModule(
         train=PromptDataConfig(str(qs / "data" / "train.jsonl")), model_name_or_path=str(qs / "model"),
         prompts_per_step=8, rollout=SamplingConfig(n=4, max_new_tokens=12),
-        dynamic_sampling=DynamicSamplingConfig(max_num_gen_batches=2, gen_batch_prompts=12),
+        dynamic_sampling=DynamicSamplingConfig(enabled=False, gen_batch_prompts=gen_batch_prompts),
     )  # fmt: skip
     dm.engine = NoisyEngine(AutoTokenizer.from_pretrained(qs / "model"), noise, return_logprobs)
     module = _recording_module(
@@ -452,7 +461,7 @@ def test_real_fit_with_a_mismatched_engine(quickstart_dir: Path, tmp_path: Path,
     mode, level, clip, low, high, mini_batch = case
     cfg = RolloutCorrectionConfig(mode=mode, level=level, clip=clip, low=low, high=high)
     module, logged = _noisy_fit(quickstart_dir, tmp_path, AlgorithmConfig(rollout_correction=cfg),
-                                mini_batch_size=mini_batch)  # fmt: skip
+                                mini_batch_size=mini_batch, gen_batch_prompts=8 if mini_batch == 32 else 12)  # fmt: skip
     assert module.seen and logged
     truncated = masked = units = 0
     for rec in module.seen:
@@ -469,6 +478,11 @@ def test_real_fit_with_a_mismatched_engine(quickstart_dir: Path, tmp_path: Path,
         masked += int(outside.sum())
         units += int(fresh.sum())
     assert units > 0
+    carried = sum(
+        int(((r["response_mask"].sum(1) > 0) & (r["rollout_mask"].sum(1) == 0)).sum()) for r in module.seen
+    )
+    if mini_batch < 32:  # carried-over responses were in the fit too, with weight 1 and unmasked (above)
+        assert carried > 0
     if mode in ("tis", "both"):
         assert truncated > 0  # the bound was really exercised
         assert max(m.get("rollout/is_truncated_frac", 0.0) for m in logged) > 0
@@ -486,8 +500,6 @@ def test_real_fit_with_a_mismatched_engine(quickstart_dir: Path, tmp_path: Path,
 def _engine_batch(noise: float = 0.4) -> Any:
     """test_update's batch with engine log-probs: the scoring policy's own plus N(0, noise) per token; response
     5 has none (a carried-over group's)."""
-    from test_update import _batch, _cast, _policy
-
     from dapo_pl.update import cut_batch, score_old
 
     batch = _batch()
@@ -509,8 +521,6 @@ def _engine_batch(noise: float = 0.4) -> Any:
 def _corrected_gradient(batch: Any, algo: Any, ranks: list[list[int]] | None = None) -> torch.Tensor:
     """The gradient of one optimizer step with the correction applied after the old pass, cut with
     ``algo.micro_batch_max_tokens``, over ``ranks`` (row lists; DDP's average of the ranks' gradients)."""
-    from test_update import _cast, _perturb, _policy
-
     from dapo_pl.distributed import DataParallel
     from dapo_pl.update import accumulate_gradients, correct_rollouts, cut_batch, score_old
 
@@ -559,3 +569,79 @@ def test_corrected_update_is_partition_invariant(mode: str, level: str) -> None:
     torch.testing.assert_close(ranks, whole, rtol=0, atol=1e-10)
     plain = _corrected_gradient(batch, AlgorithmConfig(micro_batch_max_tokens=10_000))
     assert (plain - whole).abs().max() > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2 gloo ranks against 1 rank, correction on (tests/dapo_pl/test_distributed.py's set-up).
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ScriptedEngineWithLogprobs(ScriptedEngine):
+    """test_distributed's scripted rollouts (a function of the prompt alone, so 1 and 2 ranks see the same
+    groups), now also reporting log-probs: the synced policy's own for the scripted tokens, at the sampling
+    temperature, plus N(0, 0.4) noise seeded by the prompt and the response index (a mismatched engine)."""
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: Any, seed: int) -> list[list[Any]]:
+        from dapo_pl.objective import logprobs_from_logits
+
+        out = super().generate(prompts, params, seed)
+        for ids, group in zip(prompts, out, strict=True):
+            for j, c in enumerate(group):
+                seq = torch.tensor([ids + c.token_ids])
+                logits = self.model(input_ids=seq, use_cache=False).logits[0, len(ids) - 1 : -1]  # [Lr, V]
+                lp = logprobs_from_logits(logits.double(), torch.tensor(c.token_ids), params.temperature)
+                g = torch.Generator().manual_seed(sum(ids) * 31 + j)
+                c.logprobs = (lp + 0.4 * torch.randn(len(lp), generator=g, dtype=F64)).tolist()
+        return out
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_ddp_ranks_reproduce_the_one_rank_corrected_update(tiny: Path, tmp_path: Path) -> None:  # noqa: F811
+    """TIS + MIS at token level on a mismatched engine: 2 DDP ranks give the 1-rank gradient at every optimizer
+    step (the MIS-masked tokens have left the all-reduced denominator on both), and the same rollout/* metrics."""
+    from dapo_pl.module import RolloutCorrectionConfig
+
+    algo = {"rollout_correction": RolloutCorrectionConfig(mode="both", level="token", clip=1.5)}
+    one = _fit(tiny, tmp_path / "one", devices=1, algorithm=algo, engine=ScriptedEngineWithLogprobs)[0]
+    two = _fit(tiny, tmp_path / "two", devices=2, algorithm=algo, engine=ScriptedEngineWithLogprobs)
+    _assert_same_update(one, two)
+    for m1, m2 in zip(one["metrics"], two[0]["metrics"], strict=True):
+        assert 0 < m1["rollout/masked_frac"] < 1 and 0 < m1["rollout/is_truncated_frac"] < 1
+        for key in ("rollout/is_ratio_mean", "rollout/is_ratio_max", "rollout/is_truncated_frac",
+                    "rollout/masked_frac", "rollout/ess"):  # fmt: skip
+            assert m2[key] == pytest.approx(m1[key], rel=1e-9), key
+
+
+@pytest.mark.slow
+def test_bypass_takes_the_engine_logprobs_as_the_old_policy(quickstart_dir: Path, tmp_path: Path) -> None:
+    """``old_logprobs: engine``: on every token the engine scored, the old log-prob *is* the (noisy) engine's;
+    carried-over responses, which have none, were scored by the trainer instead."""
+    from dapo_pl.module import AlgorithmConfig
+
+    module, _ = _noisy_fit(
+        quickstart_dir, tmp_path, AlgorithmConfig(old_logprobs="engine"), mini_batch_size=16
+    )
+    fresh_tokens = carried_rows = 0
+    for rec in module.seen:
+        fresh = (rec["rollout_mask"] != 0) & (rec["response_mask"] != 0)
+        assert torch.equal(rec["old_logprobs"][fresh], rec["rollout_logprobs"][fresh])
+        fresh_tokens += int(fresh.sum())
+        carried = (rec["response_mask"].sum(1) > 0) & (rec["rollout_mask"].sum(1) == 0)  # [b]
+        if carried.any():  # the trainer's log-probs: real ones (< 0), not the zeros of a missing engine value
+            assert (rec["old_logprobs"][carried][rec["response_mask"][carried] != 0] < 0).all()
+            carried_rows += int(carried.sum())
+    assert fresh_tokens > 0 and carried_rows > 0
+
+
+@pytest.mark.slow
+def test_bypass_refuses_an_engine_without_logprobs(quickstart_dir: Path, tmp_path: Path) -> None:
+    from dapo_pl.module import AlgorithmConfig
+
+    with pytest.raises(ValueError, match=r"old_logprobs='engine' needs log-probs .*NoisyEngine returns none"):
+        _noisy_fit(quickstart_dir, tmp_path, AlgorithmConfig(old_logprobs="engine"), mini_batch_size=16,
+                   return_logprobs=False)  # fmt: skip

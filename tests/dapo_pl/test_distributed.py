@@ -142,9 +142,11 @@ class Record(Callback):
 def _fit(
     tiny: Path, out: Path, *, devices: int, loss_agg: str = "token-mean", all_right_on_rank: int | None = None,
     logger: Any = False, max_steps: int = 4, strategy: Any = None, collect: bool = True, export: bool = False,
+    algorithm: dict[str, Any] | None = None, engine: Any = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Fit 2 rollout steps of 4 groups x 4 responses, mini-batches of 8 responses (2 optimizer steps each);
-    return each rank's :class:`Record` (``collect=False``: inside a rank, which cannot wait for the others)."""
+    return each rank's :class:`Record` (``collect=False``: inside a rank, which cannot wait for the others).
+    ``algorithm``: more ``AlgorithmConfig`` fields; ``engine``: a class built like :class:`ScriptedEngine`."""
     out.mkdir(parents=True, exist_ok=True)
     dm = DAPODataModule(
         train=PromptDataConfig(str(tiny / "train.jsonl")), model_name_or_path=str(tiny / "model"),
@@ -153,11 +155,13 @@ def _fit(
     )  # fmt: skip
     from transformers import AutoTokenizer
 
-    dm.engine = ScriptedEngine(AutoTokenizer.from_pretrained(tiny / "model"), all_right_on_rank)
+    dm.engine = (engine or ScriptedEngine)(AutoTokenizer.from_pretrained(tiny / "model"), all_right_on_rank)
     module = DAPOModule(
         str(tiny / "model"),
         # A budget of 40 padded tokens cuts each rank's mini-batch into a different number of micro-batches.
-        algorithm=AlgorithmConfig(mini_batch_size=8, micro_batch_max_tokens=40, loss_agg=loss_agg),
+        algorithm=AlgorithmConfig(
+            mini_batch_size=8, micro_batch_max_tokens=40, loss_agg=loss_agg, **(algorithm or {})
+        ),
         optim=OptimConfig(lr=1e-2, weight_decay=0.0, warmup_steps=0, grad_clip=0.0),
         export_dir=str(out / "exported") if export else None,
         dtype="float64",  # not precision="64-true": ModelParallelStrategy (FSDP2) refuses it
