@@ -31,13 +31,18 @@ from torch import Tensor
 from dapo_pl.batch import MicroBatch, RolloutBatch, padding_micro_batch
 from dapo_pl.data import check_model_source
 from dapo_pl.distributed import DataParallel, full_state_dict, is_sharded, mark_synced_generation
+from dapo_pl.head import DEFAULT_CHUNK_TOKENS
 from dapo_pl.objective import AGGREGATIONS, check_correction_args, token_mean_denominator
 from dapo_pl.update import (
+    ScoreStats,
     accumulate_gradients,
     correct_rollouts,
+    correction_metrics,
     count_rows,
     cut_batch,
+    is_on_policy,
     score_old,
+    score_reference,
     use_engine_logprobs,
 )
 
@@ -88,6 +93,9 @@ class AlgorithmConfig:
         mini_batch_size: responses per optimizer step, over all data-parallel ranks (each takes
             ``mini_batch_size / world_size``); the batch (prompts_per_step x n) must be a multiple.
         micro_batch_max_tokens: token budget (padded) of one forward/backward pass.
+        logprob_chunk_tokens: response tokens per chunk of the LM head (log-probs and entropy): peak memory of
+            the head is about ``2 x logprob_chunk_tokens x vocab x 4`` bytes (1024 x 152k: 1.2 GB), whatever the
+            micro-batch size; smaller saves memory, larger runs fewer, bigger matmuls.
         rollout_correction: TIS / MIS correction of the engine/trainer mismatch (off by default).
         old_logprobs: the old policy of the PPO ratio: ``trainer`` (a forward pass of the trainer before the
             update) or ``engine`` (the rollout engine's own log-probs: no old-log-prob pass; the engine must
@@ -104,6 +112,7 @@ class AlgorithmConfig:
     ppo_epochs: int = 1
     mini_batch_size: int = 512
     micro_batch_max_tokens: int = 8192
+    logprob_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     rollout_correction: RolloutCorrectionConfig = RolloutCorrectionConfig()
     old_logprobs: Literal["trainer", "engine"] = "trainer"
 
@@ -119,7 +128,7 @@ class AlgorithmConfig:
             raise ValueError(f"algorithm.loss_agg must be one of {AGGREGATIONS}, got {self.loss_agg!r}")
         if self.kl_coef < 0:
             raise ValueError(f"algorithm.kl_coef must be >= 0, got {self.kl_coef}")
-        for name in ("ppo_epochs", "mini_batch_size", "micro_batch_max_tokens"):
+        for name in ("ppo_epochs", "mini_batch_size", "micro_batch_max_tokens", "logprob_chunk_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"algorithm.{name} must be >= 1, got {getattr(self, name)}")
         check_old_logprobs(self.old_logprobs, self.rollout_correction.mode)
@@ -302,21 +311,25 @@ class DAPOModule(L.LightningModule):
         metrics = dict(batch.metrics)
         t0 = time.perf_counter()
         dp = DataParallel.of(self._trainer)
-        mini_batches = self._prepare(batch, metrics, dp)
+        mini_batches, on_policy = self._prepare(batch, metrics, dp)
         if not mini_batches:  # on every rank: the count is agreed
             self.print(
                 "[dapo-pl] no group with mixed answers this step: nothing to train on (see train/ds_exhausted)"
             )
         for _ in range(self.algo.ppo_epochs):
             for micro_batches in mini_batches:
-                metrics.update(self._optimizer_step(micro_batches, batch.temperature, dp))
+                metrics.update(self._optimizer_step(micro_batches, batch.temperature, dp, on_policy))
         metrics["time/update_s"] = time.perf_counter() - t0
         self._log_step(metrics)
 
     def _prepare(
         self, batch: RolloutBatch, metrics: dict[str, float], dp: DataParallel
-    ) -> list[list[MicroBatch]]:
-        """Cut the batch into mini/micro-batches (aligned over ranks) and attach old (and reference) log-probs."""
+    ) -> tuple[list[list[MicroBatch]], bool]:
+        """Cut the batch into mini/micro-batches (aligned over ranks) and attach old (and reference) log-probs.
+
+        Also returns whether the update is exactly on-policy (the same on every rank: the mini-batch count is
+        agreed and the carried-over share is global); then the old log-probs come from the loss pass itself.
+        """
         assert self.policy is not None
         mini_batches = cut_batch(
             batch,
@@ -328,26 +341,41 @@ class DAPOModule(L.LightningModule):
         if dp.distributed:
             mini_batches = align_micro_batches(mini_batches, dp, self.pad_id)
         if not mini_batches:
-            return []
+            return [], False
         mini_batches = [[mb.to(self.device) for mb in mbs] for mbs in mini_batches]
         flat = [mb for mbs in mini_batches for mb in mbs]
-        metrics.update(self._score_old(flat, batch, dp))
-        return mini_batches
+        carried = batch.metrics.get("train/carried_group_frac", 0.0)
+        # The loss pass cannot supply the old log-probs when MIS needs them before it (its mask changes the
+        # denominator), nor with old_logprobs: engine (the engine's are the old policy then).
+        skippable = self.algo.old_logprobs == "trainer" and self.algo.rollout_correction.mode in (
+            "off",
+            "tis",
+        )
+        on_policy = skippable and is_on_policy(self.algo.ppo_epochs, len(mini_batches), carried)
+        metrics.update(self._score_old(flat, batch, dp, on_policy))
+        return mini_batches, on_policy
 
-    def _score_old(self, flat: list[MicroBatch], batch: RolloutBatch, dp: DataParallel) -> dict[str, float]:
-        """Old log-probs (the trainer's pass, or the engine's own with ``old_logprobs: engine``), then the rollout
-        correction, before any token-mean denominator is counted (MIS-masked tokens leave it)."""
+    def _score_old(
+        self, flat: list[MicroBatch], batch: RolloutBatch, dp: DataParallel, on_policy: bool
+    ) -> dict[str, float]:
+        """Old log-probs (the trainer's pass; none when ``on_policy``; the engine's with ``old_logprobs: engine``),
+        then the rollout correction, before any token-mean denominator is counted (MIS-masked tokens leave it)."""
         assert self.policy is not None
-        reduce = dp.sum if dp.distributed else None
-        bypass = self.algo.old_logprobs == "engine"
-        # Carried-over groups have no engine log-probs: then every rank still runs the trainer's pass (the share
-        # is global, so all ranks agree and a sharded model's collective forwards stay in step).
+        chunk, bypass = self.algo.logprob_chunk_tokens, self.algo.old_logprobs == "engine"
+        # Carried-over groups have no engine log-probs: bypass still runs the trainer's pass for them, on every
+        # rank (the share is global, so a sharded model's collective forwards stay in step).
         carried = batch.metrics.get("train/carried_group_frac", 0.0) > 0
-        metrics = {}
-        if not bypass or carried or self.ref_policy is not None:
-            metrics = score_old(self.policy, flat, batch.temperature, self.ref_policy, all_reduce=reduce)
+        metrics: dict[str, float] = {}
+        if on_policy or (bypass and not carried):
+            if self.ref_policy is not None:
+                score_reference(self.ref_policy, flat, batch.temperature, chunk)
+        else:
+            reduce = dp.sum if dp.distributed else None
+            metrics = score_old(self.policy, flat, batch.temperature, self.ref_policy, reduce, chunk)
         if bypass:
             use_engine_logprobs(flat)
+            return metrics
+        if on_policy:  # TIS weights come with the loss pass's own log-probs (accumulate_gradients)
             return metrics
         return {**metrics, **correct_rollouts(flat, self.algo.rollout_correction, dp)}
 
@@ -358,19 +386,25 @@ class DAPOModule(L.LightningModule):
         return token_mean_denominator(masks, all_reduce=reduce, grad_average_world_size=world)
 
     def _optimizer_step(
-        self, micro_batches: list[MicroBatch], temperature: float, dp: DataParallel
+        self, micro_batches: list[MicroBatch], temperature: float, dp: DataParallel, on_policy: bool = False
     ) -> dict[str, float]:
-        """One optimizer step over one mini-batch: shared denominator, backward per micro-batch, clip, step."""
+        """One optimizer step over one mini-batch: shared denominator, backward per micro-batch, clip, step.
+
+        ``on_policy``: no old log-probs were scored; the loss pass supplies them and the scoring metrics."""
         assert self.policy is not None
         opt, scheduler = self.optimizers(), self.lr_schedulers()
         token_mean = self.algo.loss_agg == "token-mean"
         num_tokens = self._denominator(micro_batches) if token_mean else None
         # seq-mean over ranks: global non-empty rows / world, as the token count above (one process: local count)
         num_rows = max(dp.sum([count_rows(micro_batches)])[0], 1.0) / dp.size if dp.distributed else None
+        stats = ScoreStats() if on_policy else None
         totals = accumulate_gradients(
             self.policy, micro_batches, temperature=temperature, algo=self.algo, num_tokens=num_tokens,
-            backward=self.manual_backward, num_rows=None if token_mean else num_rows,
+            backward=self.manual_backward, num_rows=None if token_mean else num_rows, on_policy_stats=stats,
         )  # fmt: skip
+        scored = stats.metrics(dp.sum if dp.distributed else None) if stats is not None else {}
+        if stats is not None:  # on-policy: the old log-probs (and TIS weights) came from the loss pass
+            scored.update(correction_metrics(micro_batches, self.algo.rollout_correction, dp))
         if dp.distributed:
             totals = global_totals(totals, micro_batches, dp)
         grad_norm = self._clip_gradients()
@@ -378,7 +412,8 @@ class DAPOModule(L.LightningModule):
         opt.step()
         opt.zero_grad(set_to_none=True)
         scheduler.step()
-        return {**{f"train/{k}": v for k, v in totals.items()}, "train/grad_norm": grad_norm, "train/lr": lr}
+        out = {f"train/{k}": v for k, v in totals.items()}
+        return {**out, **scored, "train/grad_norm": grad_norm, "train/lr": lr}
 
     def _clip_gradients(self) -> float:
         """Clip the global gradient norm (identical on every rank after the gradient all-reduce) and return it."""

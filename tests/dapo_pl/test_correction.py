@@ -369,6 +369,12 @@ def _recording_module(**kwargs: Any) -> Any:
         """Keeps a copy of every micro-batch after its optimizer step (old log-probs, weights, masks)."""
 
         seen: list[dict[str, torch.Tensor]]
+        on_policy: list[bool]
+
+        def _prepare(self, *args: Any, **kw: Any) -> Any:
+            mini_batches, on_policy = super()._prepare(*args, **kw)
+            self.on_policy.append(on_policy)
+            return mini_batches, on_policy
 
         def _optimizer_step(self, micro_batches: list[Any], *args: Any, **kw: Any) -> dict[str, float]:
             out = super()._optimizer_step(micro_batches, *args, **kw)
@@ -387,7 +393,7 @@ def _recording_module(**kwargs: Any) -> Any:
             return out
 
     module = Recording(**kwargs)
-    module.seen = []
+    module.seen, module.on_policy = [], []
     return module
 
 
@@ -463,6 +469,8 @@ def test_real_fit_with_a_mismatched_engine(quickstart_dir: Path, tmp_path: Path,
     module, logged = _noisy_fit(quickstart_dir, tmp_path, AlgorithmConfig(rollout_correction=cfg),
                                 mini_batch_size=mini_batch, gen_batch_prompts=8 if mini_batch == 32 else 12)  # fmt: skip
     assert module.seen and logged
+    # mini-batch 32 takes the whole batch: the loss pass supplies the old log-probs (and the TIS weights)
+    assert module.on_policy == [mini_batch == 32] * len(module.on_policy)
     truncated = masked = units = 0
     for rec in module.seen:
         ratio, fresh = _unit_ratio(rec, level)
@@ -601,17 +609,26 @@ class ScriptedEngineWithLogprobs(ScriptedEngine):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_two_ddp_ranks_reproduce_the_one_rank_corrected_update(tiny: Path, tmp_path: Path) -> None:  # noqa: F811
-    """TIS + MIS at token level on a mismatched engine: 2 DDP ranks give the 1-rank gradient at every optimizer
-    step (the MIS-masked tokens have left the all-reduced denominator on both), and the same rollout/* metrics."""
+@pytest.mark.parametrize(("mode", "mini_batch"), [("both", 8), ("tis", 16)], ids=["both", "tis-on-policy"])
+def test_two_ddp_ranks_reproduce_the_one_rank_corrected_update(
+    tiny: Path,  # noqa: F811
+    tmp_path: Path,
+    mode: str,
+    mini_batch: int,
+) -> None:
+    """TIS (+ MIS) at token level on a mismatched engine: 2 DDP ranks give the 1-rank gradient at every optimizer
+    step (the MIS-masked tokens have left the all-reduced denominator on both), and the same rollout/* metrics.
+    Mini-batch 16 = the whole step: the on-policy path, whose TIS weights come from the loss pass."""
     from dapo_pl.module import RolloutCorrectionConfig
 
-    algo = {"rollout_correction": RolloutCorrectionConfig(mode="both", level="token", clip=1.5)}
-    one = _fit(tiny, tmp_path / "one", devices=1, algorithm=algo, engine=ScriptedEngineWithLogprobs)[0]
-    two = _fit(tiny, tmp_path / "two", devices=2, algorithm=algo, engine=ScriptedEngineWithLogprobs)
+    algo = {"rollout_correction": RolloutCorrectionConfig(mode=mode, level="token", clip=1.5)}
+    kw = {"algorithm": algo, "engine": ScriptedEngineWithLogprobs, "mini_batch_size": mini_batch}
+    one = _fit(tiny, tmp_path / "one", devices=1, **kw)[0]
+    two = _fit(tiny, tmp_path / "two", devices=2, **kw)
     _assert_same_update(one, two)
     for m1, m2 in zip(one["metrics"], two[0]["metrics"], strict=True):
-        assert 0 < m1["rollout/masked_frac"] < 1 and 0 < m1["rollout/is_truncated_frac"] < 1
+        assert 0 < m1["rollout/is_truncated_frac"] < 1
+        assert (0 < m1["rollout/masked_frac"] < 1) if mode == "both" else m1["rollout/masked_frac"] == 0
         for key in ("rollout/is_ratio_mean", "rollout/is_ratio_max", "rollout/is_truncated_frac",
                     "rollout/masked_frac", "rollout/ess"):  # fmt: skip
             assert m2[key] == pytest.approx(m1[key], rel=1e-9), key
