@@ -73,12 +73,17 @@ def check_reachable(uri: str, timeout_s: float = 20.0, what: str = "the fit") ->
         return
     deadline = time.monotonic() + timeout_s
     probe = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
+    said = False
     while True:
         try:
             requests.get(probe, timeout=max(1.0, min(5.0, deadline - time.monotonic())))
             return
         except requests.RequestException as exc:
             reason = _reason(exc)
+        if not said:  # once, so a user knows what the wait is for
+            said = True
+            print(f"[dapo-pl] waiting up to {timeout_s:g} s for the MLflow tracking server {uri} ({reason})",
+                  file=sys.stderr, flush=True)  # fmt: skip
         if time.monotonic() + 1.0 >= deadline:
             break
         time.sleep(1.0)

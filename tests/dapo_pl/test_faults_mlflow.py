@@ -160,15 +160,28 @@ def _steps(url: str, run_id: str, metric: str) -> list[int]:
 
 
 def test_fit_against_an_unreachable_server_fails_in_seconds(quickstart_dir: Path, tmp_path: Path) -> None:
+    """Timed from the first refused connection (the "waiting up to 20 s" line) to the exit, so the bound holds
+    however long the imports take on a loaded machine. MLflow's own retries took 255 s."""
     url = f"http://127.0.0.1:{_closed_port()}"
-    t0 = time.monotonic()
-    fit = _start_fit(url, tmp_path, _fit_cmd(tmp_path, quickstart_dir, 2))
-    out, err = fit.communicate(timeout=120)
-    seconds = time.monotonic() - t0
-    assert fit.returncode == 2, err[-3000:]
-    assert f"the MLflow tracking server {url} did not answer for 20 s (connection refused)" in err
-    assert "Traceback" not in err and len(err.strip().splitlines()) <= 3, err[-3000:]
-    assert seconds < 60  # 20 s of probing plus imports and start-up on a loaded 2-core machine
+    env = {**os.environ, "MLFLOW_TRACKING_URI": url}
+    fit = subprocess.Popen(
+        _fit_cmd(tmp_path, quickstart_dir, 2), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    lines, seeded = [], None
+    assert fit.stdout is not None
+    for line in fit.stdout:  # ends when the process exits (killed by the finally below at the latest)
+        lines.append(line)
+        if seeded is None and f"waiting up to 20 s for the MLflow tracking server {url}" in line:
+            seeded = time.monotonic()
+    fit.wait(timeout=600)
+    assert seeded is not None, "".join(lines)[-3000:]
+    seconds = time.monotonic() - seeded
+    out = "".join(lines)
+    assert fit.returncode == 2, out[-3000:]
+    assert lines[-1].startswith(f"dapo-pl: error: the MLflow tracking server {url} did not answer for 20 s")
+    assert "(connection refused)" in lines[-1] and "Traceback" not in out
+    assert seconds < 35, seconds  # 20 s of probing, then the exit
 
 
 def test_compare_against_an_unreachable_uri_fails_in_seconds(tmp_path: Path) -> None:

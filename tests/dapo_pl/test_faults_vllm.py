@@ -60,10 +60,19 @@ def test_generate_fails_fast_when_the_engine_core_is_killed(quickstart_dir: Path
             killed.append(time.monotonic())
             os.kill(core.pid, signal.SIGKILL)
 
+        def hung(signum: int, frame: Any) -> None:  # without the watchdog, generate blocks forever
+            raise TimeoutError("generate still blocked 60 s after the engine was killed")
+
+        previous = signal.signal(signal.SIGALRM, hung)
         threading.Thread(target=kill, daemon=True).start()
-        with pytest.raises(EngineDied, match=rf"EngineCore \(pid {core.pid}\) was killed by SIGKILL"):
-            for seed in range(50):  # bounded: each call takes well over a second here
-                engine.generate(prompts, params, seed=seed)
+        signal.alarm(61)
+        try:
+            with pytest.raises(EngineDied, match=rf"EngineCore \(pid {core.pid}\) was killed by SIGKILL"):
+                for seed in range(50):  # bounded: each call takes well over a second here
+                    engine.generate(prompts, params, seed=seed)
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
         assert killed and time.monotonic() - killed[0] < 10
         t0 = time.monotonic()
         with pytest.raises(EngineDied):  # and at once from then on, for generation and weight sync alike
