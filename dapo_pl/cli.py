@@ -4,6 +4,7 @@
   every init argument is a YAML key and a flag, ``--print_config`` prints the resolved config.
 - ``dapo-pl verifiers``: the discovered verifier plugins.
 - ``dapo-pl verify``: score a jsonl file with verifiers.
+- ``dapo-pl mlflow-replay FILE``: send the metrics a fit could not deliver to its MLflow server.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dapo_pl.datamodule import DAPODataModule
 from dapo_pl.module import DAPOModule
 from dapo_pl.progress import DAPOProgressBar
 
-PLUGIN_COMMANDS = ("verifiers", "verify", "compare")
+PLUGIN_COMMANDS = ("verifiers", "verify", "compare", "mlflow-replay")
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {"class_path": "dapo_pl.tracking.DAPOMLFlowLogger"},
@@ -119,12 +120,14 @@ def run_lightning(args: list[str] | None = None, run: bool = True) -> DAPOCLI:
 def _plugin_main(argv: list[str]) -> int:
     from dapo_pl import verify_cmd
     from dapo_pl.compare import add_compare_parser
+    from dapo_pl.tracking import add_replay_parser
 
     parser = argparse.ArgumentParser(prog="dapo-pl")
     sub = parser.add_subparsers(dest="command", required=True)
     verify_cmd.add_list_parser(sub)
     verify_cmd.add_verify_parser(sub)
     add_compare_parser(sub)
+    add_replay_parser(sub)
     args = parser.parse_args(argv)
     return int(args.func(args))
 
@@ -149,5 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in PLUGIN_COMMANDS:
         return _plugin_main(args)
-    run_lightning(argv)  # None: LightningCLI reads sys.argv itself
+    from dapo_pl.tracking import TrackingUnavailable
+
+    try:
+        run_lightning(argv)  # None: LightningCLI reads sys.argv itself
+    except TrackingUnavailable as exc:  # an outage, not a bug of ours: the message alone says what to do
+        print(f"dapo-pl: error: {exc}", file=sys.stderr)
+        return 2
     return 0

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dapo_pl.tracking import TrackingUnavailable, check_reachable, is_remote, use_short_http_timeouts
+
 DEFAULT_TRAIN_METRICS = ("train/reward_mean", "train/acc", "train/entropy")
 DEFAULT_VAL_PATTERNS = ("val/acc_avg_at_*", "val/pass_at_*")
 # "best" is the highest value, except for metrics whose name contains one of these (lower is better).
@@ -389,6 +391,7 @@ def compare(
     experiment: str | None = None,
     metrics: Sequence[str] | None = None,
     tracking_uri: str | None = None,
+    connect_timeout_s: float = 10.0,
 ) -> Comparison:
     """Resolve ``refs``, read their params and metric histories, write CSV, Markdown and PNGs under ``out``."""
     import mlflow
@@ -397,6 +400,9 @@ def compare(
         raise CompareError("give at least one run id or name")
     # the environment before mlflow.get_tracking_uri(): in-process callers (tests, tools) may have set a global URI
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    if is_remote(uri):  # a dead server: a clear error in seconds, not MLflow's 255 s of retries per call
+        use_short_http_timeouts()
+        check_reachable(uri, connect_timeout_s, what="compare")
     client = mlflow.MlflowClient(uri)
     runs = resolve_runs(client, refs, experiment)
     if len({r.info.run_id for r in runs}) < len(runs):
@@ -449,7 +455,7 @@ def run_compare(args: argparse.Namespace) -> int:
         result = compare(
             args.runs, args.out, experiment=args.experiment, metrics=metrics, tracking_uri=args.tracking_uri
         )
-    except CompareError as exc:
+    except (CompareError, TrackingUnavailable) as exc:
         print(f"dapo-pl compare: error: {exc}", file=sys.stderr)
         return 2
     names = ", ".join(f"{r.label} ({r.run_id})" for r in result.runs)

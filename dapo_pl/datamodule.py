@@ -78,6 +78,7 @@ class Group:
     correct: list[bool]
     extracted: list[str | None] = field(default_factory=list)
     fresh: bool = True
+    errors: list[str | None] = field(default_factory=list)  # a failed verifier batch's message, per response
 
 
 class _RolloutStream:
@@ -287,6 +288,7 @@ class DAPODataModule(L.LightningDataModule):
                 rewards=[s.reward for s in scores[i * n : (i + 1) * n]],
                 correct=[s.correct for s in scores[i * n : (i + 1) * n]],
                 extracted=[s.verdict.extracted for s in scores[i * n : (i + 1) * n]],
+                errors=[s.error for s in scores[i * n : (i + 1) * n]],
             )
             for i, (r, p, cs) in enumerate(zip(records, prompt_ids, completions, strict=True))
         ]
@@ -411,6 +413,7 @@ def _sample_records(generated: list[Group], kept: set[int]) -> list[dict[str, An
             "extracted": g.extracted[j] if j < len(g.extracted) else None,
             "truncated": c.truncated,
             "kept": id(g) in kept,
+            "error": g.errors[j] if j < len(g.errors) else None,
         }
         for g in generated
         for j, (c, r, ok) in enumerate(zip(g.completions, g.rewards, g.correct, strict=True))
@@ -432,10 +435,11 @@ def _rollout_metrics(
     dp = dp or DataParallel()
     completions = [c for g in generated for c in g.completions]
     rewards = [r for g in generated for r in g.rewards]
-    num_kept, carried, count, reward_sum, correct, length_sum, truncated, gen_groups, kept_groups = dp.sum(
+    num_kept, carried, count, reward_sum, correct, length_sum, truncated, gen_groups, kept_groups, errors = dp.sum(
         [len(kept), sum(not g.fresh for g in kept), len(rewards), sum(rewards),
          sum(c for g in generated for c in g.correct), sum(len(c.token_ids) for c in completions),
-         sum(c.truncated for c in completions), stats.groups_generated, stats.groups_kept]
+         sum(c.truncated for c in completions), stats.groups_generated, stats.groups_kept,
+         sum(e is not None for g in generated for e in g.errors)]
     )  # fmt: skip
     rollout_s, reward_s = dp.max([timing["rollout"], timing["reward"]])
     metrics = {
@@ -445,6 +449,7 @@ def _rollout_metrics(
         "train/carried_group_frac": carried / max(num_kept, 1),
         "time/rollout_s": rollout_s,
         "time/reward_s": reward_s,
+        "reward/errors": errors,  # responses whose verifier batch failed (counted wrong), see rewards.py
     }
     if count:  # a step served entirely from carried-over groups generated nothing to describe
         metrics["train/reward_mean"] = reward_sum / count

@@ -4,15 +4,19 @@
 - :func:`get_plugin_manager` loads every plugin of the ``dapo_pl.verifiers`` entry-point group (the built-ins
   in ``verifiers/`` come the same way), limited by ``DAPO_PL_PLUGINS`` when that variable is set.
 - :func:`build_verifier` turns a name plus YAML options into a callable whose output is checked: a plugin
-  that returns the wrong number of verdicts, a non-Verdict or a non-finite reward fails loudly, naming itself.
+  that returns the wrong number of verdicts, a non-Verdict or a non-finite reward fails loudly, naming itself;
+  every call has a time limit (:class:`CheckedVerifier`), and :meth:`CheckedVerifier.score` turns a failed batch
+  into verdicts that count as wrong, with ``error`` naming the verifier and its plugin.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from typing import Any, Protocol
 
@@ -21,6 +25,7 @@ import pluggy
 from dapo_pl import hookspecs
 
 PLUGINS_ENV = "DAPO_PL_PLUGINS"
+DEFAULT_TIMEOUT_S = 300.0  # seconds per verifier call (one batch); data.reward.timeout_s
 
 
 @dataclass(frozen=True)
@@ -178,9 +183,14 @@ def available_verifiers(pm: pluggy.PluginManager | None = None) -> dict[str, Ver
 
 
 def build_verifier(
-    name: str, options: Mapping[str, Any] | None = None, pm: pluggy.PluginManager | None = None
-) -> Verifier:
-    """The verifier ``name`` configured with ``options``, wrapped so its output is checked on every call."""
+    name: str,
+    options: Mapping[str, Any] | None = None,
+    pm: pluggy.PluginManager | None = None,
+    *,
+    timeout_s: float | None = DEFAULT_TIMEOUT_S,
+) -> CheckedVerifier:
+    """The verifier ``name`` configured with ``options``, wrapped so its output is checked on every call and
+    each call takes at most ``timeout_s`` seconds (None: no limit)."""
     verifiers = available_verifiers(pm)
     if name not in verifiers:
         known = ", ".join(sorted(verifiers)) or "none"
@@ -193,19 +203,103 @@ def build_verifier(
         fn = info.factory(**dict(options or {}))
     except TypeError as exc:
         raise VerifierError(f"bad options for verifier {name!r} ({info.plugin}): {exc}") from exc
-    return _CheckedVerifier(info, fn)
+    return CheckedVerifier(info, fn, timeout_s=timeout_s)
 
 
-class _CheckedVerifier:
-    def __init__(self, info: VerifierInfo, fn: Verifier) -> None:
+class VerifierTimeout(VerifierError):
+    """A verifier did not return within its time limit (its thread is abandoned, see :class:`CheckedVerifier`)."""
+
+
+class CheckedVerifier:
+    """A verifier plugin behind the one call wrapper that training and ``dapo-pl verify`` share.
+
+    - ``verifier(samples)`` (strict): the plugin's verdicts, checked against the contract; a plugin exception, a
+      broken contract or a call longer than ``timeout_s`` raises :class:`VerifierError` naming verifier and plugin.
+    - :meth:`score` (guarded): the same call, but a failure turns into one ``failed`` verdict per sample with
+      ``error`` set to that message, so the responses of a hung or raising batch count as wrong and the caller
+      goes on.
+
+    The time limit: Python cannot kill a thread, so a call with a limit runs in a daemon worker thread and, past
+    the limit, is abandoned (it keeps running until the plugin returns on its own, and it cannot keep the
+    process alive at exit). At most one abandoned call per verifier: the next call first waits for it, within
+    its own limit, and fails at once if it is still stuck, so a plugin that hangs for good costs one time limit
+    per batch, never a pile of threads or two concurrent calls into one plugin. A verifier that can hang in C
+    code or that must be killed belongs in worker processes (as ``math_equivalence`` does); this limit is the
+    backstop for the rest.
+    """
+
+    def __init__(self, info: VerifierInfo, fn: Verifier, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> None:
+        if timeout_s is not None and not timeout_s > 0:
+            raise VerifierError(
+                f"the time limit of verifier {info.name!r} must be > 0 (or null), got {timeout_s}"
+            )
         self.info = info
         self.fn = fn
+        self.timeout_s = timeout_s
+        self._stuck: threading.Thread | None = None  # an abandoned call still running
+
+    @property
+    def where(self) -> str:
+        return f"verifier {self.info.name!r} (plugin {self.info.plugin})"
 
     def __call__(self, samples: Sequence[Sample]) -> list[Verdict]:
-        verdicts = list(self.fn(samples))
-        where = f"verifier {self.info.name!r} (plugin {self.info.plugin})"
-        if len(verdicts) != len(samples):
-            raise VerifierError(f"{where} returned {len(verdicts)} verdicts for {len(samples)} samples")
+        verdicts = self._run(samples)
+        self._check(verdicts, len(samples))
+        return verdicts
+
+    def score(self, samples: Sequence[Sample], failed: Verdict) -> tuple[list[Verdict], str | None]:
+        """One verdict per sample and the batch's error (None if it went through); never raises for the plugin:
+        on any failure every sample gets ``failed`` with ``error`` set to the message naming the verifier."""
+        try:
+            return self(samples), None
+        except Exception as exc:
+            message = str(exc) if isinstance(exc, VerifierError) else f"{self.where} raised {exc!r}"
+            return [replace(failed, error=message) for _ in samples], message
+
+    def _run(self, samples: Sequence[Sample]) -> list[Verdict]:
+        if self.timeout_s is None:
+            return self._direct(samples)
+        deadline = time.monotonic() + self.timeout_s
+        if self._stuck is not None:
+            self._stuck.join(self.timeout_s)
+            if self._stuck.is_alive():
+                raise VerifierTimeout(
+                    f"{self.where} is still stuck in an earlier batch that timed out (limit {self.timeout_s:g} s)"
+                )
+            self._stuck = None
+        box: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                box["out"] = self._direct(samples)
+            except BaseException as exc:  # handed to the caller's thread
+                box["exc"] = exc
+
+        worker = threading.Thread(target=target, name=f"verifier-{self.info.name}", daemon=True)
+        worker.start()
+        worker.join(max(0.0, deadline - time.monotonic()))
+        if worker.is_alive():
+            self._stuck = worker
+            raise VerifierTimeout(
+                f"{self.where} timed out after {self.timeout_s:g} s on a batch of {len(samples)} samples "
+                "(data.reward.timeout_s)"
+            )
+        if "exc" in box:
+            raise box["exc"]
+        return list(box["out"])
+
+    def _direct(self, samples: Sequence[Sample]) -> list[Verdict]:
+        try:
+            return list(self.fn(samples))
+        except VerifierError:
+            raise
+        except Exception as exc:
+            raise VerifierError(f"{self.where} raised {type(exc).__name__}: {exc}") from exc
+
+    def _check(self, verdicts: list[Verdict], num_samples: int) -> None:
+        where = self.where
+        if len(verdicts) != num_samples:
+            raise VerifierError(f"{where} returned {len(verdicts)} verdicts for {num_samples} samples")
         for i, v in enumerate(verdicts):
             if not isinstance(v, Verdict):
                 raise VerifierError(f"{where} returned {type(v).__name__} for sample {i}; expected Verdict")
@@ -217,4 +311,3 @@ class _CheckedVerifier:
                 raise VerifierError(
                     f"{where} returned correct={v.correct!r} for sample {i}; expected bool or None"
                 )
-        return verdicts

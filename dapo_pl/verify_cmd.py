@@ -13,6 +13,8 @@ the same batched, parallel path the trainer uses, so a slow line costs at most t
 A bad input line (not JSON, not an object, no text ``response``) does not stop the run and loses nothing: it is
 written through with ``reward`` 0.0, ``correct`` null and ``error`` naming the file, the line number and the
 problem (a line that is not JSON is kept as text under ``_raw``), and it is counted in the summary.
+A verifier that raises or exceeds ``--timeout-s`` on a batch does not stop the run either: that batch's lines
+count as wrong (``correct`` false from the first verifier) with ``error`` naming the verifier and its plugin.
 Exit status: 0 when every line was written (bad lines included), 2 for a usage error (unknown verifier, bad
 options), 1 when a file cannot be read or written.
 """
@@ -30,8 +32,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from dapo_pl.rewards import total_reward
+from dapo_pl.rewards import failed_verdict, total_reward
 from dapo_pl.verification import (
+    DEFAULT_TIMEOUT_S,
     PLUGINS_ENV,
     Sample,
     Verdict,
@@ -70,6 +73,13 @@ def add_verify_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="options of one verifier as a JSON object, e.g. math_equivalence='{\"timeout_s\": 2}'",
     )
     p.add_argument("--batch-size", type=int, default=256, help="lines per verifier call (default 256)")
+    p.add_argument(
+        "--timeout-s",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help=f"seconds one verifier may take per batch; past it the batch's lines get `error` and count as "
+        f"wrong (default {DEFAULT_TIMEOUT_S:g}; 0: no limit)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_verify)
     return p  # fmt: skip
@@ -201,7 +211,10 @@ def _combine(verdicts: Sequence[Verdict]) -> dict[str, Any]:
 def _score(batch: list[_Line], verifiers: list[Any]) -> list[dict[str, Any]]:
     good = [line for line in batch if line.sample is not None]
     samples = [line.sample for line in good]
-    per_verifier = [v(samples) for v in verifiers] if samples else []
+    # the guarded call shared with training: a raising or hung verifier gives its lines `error`, not a crash
+    per_verifier = (
+        [v.score(samples, failed_verdict(i == 0))[0] for i, v in enumerate(verifiers)] if samples else []
+    )
     combined = iter([_combine(vs) for vs in zip(*per_verifier, strict=True)])
     out = []
     for line in batch:
@@ -248,7 +261,8 @@ def _build(args: argparse.Namespace) -> list[Any]:
         options = _options(args.options, args.verifier)
     except json.JSONDecodeError as exc:
         raise VerifierError(f"--options: invalid JSON ({exc})") from exc
-    return [build_verifier(name, options.get(name)) for name in args.verifier]
+    timeout = args.timeout_s if args.timeout_s > 0 else None
+    return [build_verifier(name, options.get(name), timeout_s=timeout) for name in args.verifier]
 
 
 def run_verify(args: argparse.Namespace) -> int:

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from dapo_pl.engines.base import Completion, SamplingConfig
+from dapo_pl.engines.watchdog import EngineWatchdog, guarded
 
 SyncMethod = Literal["auto", "rpc", "file", "direct", "ipc"]
 SYNC_METHODS = ("auto", "rpc", "file", "direct", "ipc")
@@ -158,6 +159,7 @@ class VLLMEngine:
         t0 = time.perf_counter()
         self.llm = _start_llm(kwargs, in_process=in_process, ipc=self.sync_method == "ipc")
         self.startup_s = time.perf_counter() - t0
+        self.watchdog = EngineWatchdog(self.llm)  # a dead engine process: a clear error, never a hang
         self.max_model_len = int(self.llm.model_config.max_model_len)
         self.dtype: torch.dtype = self.llm.model_config.dtype
         self.last_sync_s = 0.0
@@ -171,6 +173,7 @@ class VLLMEngine:
         self._warned: set[str] = set()
 
     # ---- weight sync --------------------------------------------------------------------------------------
+    @guarded
     def sync_weights(self, model: nn.Module) -> None:
         """Push ``model``'s current parameters into the engine and reset its prefix cache.
 
@@ -226,6 +229,7 @@ class VLLMEngine:
             )
 
     # ---- generation ---------------------------------------------------------------------------------------
+    @guarded
     def generate(self, prompts: list[list[int]], params: SamplingConfig, seed: int) -> list[list[Completion]]:
         """``params.n`` completions per prompt, in prompt order; the same ``seed`` gives the same samples."""
         if not prompts:
@@ -311,6 +315,8 @@ class VLLMEngine:
     def close(self) -> None:
         """Shut the engine's processes down and free its memory."""
         llm, self.llm = self.__dict__.get("llm"), None
+        if self.__dict__.get("watchdog") is not None:
+            self.watchdog.stop()
         self._model = self._ipc_module = self._ipc_sender = None
         core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
         if core is not None:
