@@ -13,7 +13,9 @@ Where each piece lives
 - Weight sync (:meth:`VLLMEngine.sync_weights`): the trainer's parameters go into the running engine through vLLM's
   in-place ``reload_weights`` (layer-wise reload, which also redoes the engine's post-load weight processing) or,
   on GPU, vLLM's weight-transfer API over CUDA IPC; then the prefix cache is reset, since cached KV blocks of shared
-  prompt prefixes were computed with the old weights. Methods and their measured costs: ``docs/rollout-engines.md``.
+  prompt prefixes were computed with the old weights. Only what changed since the last push goes (parameters'
+  in-place version counters; frozen parameters stay, see :func:`changed_names`). Methods and their measured costs:
+  ``docs/rollout-engines.md`` and ``docs/performance.md``.
 - Truncation: ``finish_reason == "length"`` (no EOS, no stop string before the cap) marks a response truncated;
   ``token_ids`` include the EOS token when one was generated, like the transformers engine.
 
@@ -31,7 +33,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -164,8 +166,10 @@ class VLLMEngine:
         self.dtype: torch.dtype = self.llm.model_config.dtype
         self.last_sync_s = 0.0
         self.num_syncs = 0
+        self.last_sync_tensors = 0  # tensors sent by the last push
         self._model: nn.Module | None = None
-        self._synced: tuple[Any, ...] | None = None
+        self._pushed: dict[str, tuple[int, int]] | None = None  # tensor_versions at the last push
+        self._pushed_id = 0  # id() of the module pushed last
         self._ipc_sender: Any = None
         self._ipc_module: nn.Module | None = None
         self._sleeping: set[str] = set()  # vLLM memory tags asleep: "weights", "kv_cache"
@@ -175,42 +179,50 @@ class VLLMEngine:
     # ---- weight sync --------------------------------------------------------------------------------------
     @guarded
     def sync_weights(self, model: nn.Module) -> None:
-        """Push ``model``'s current parameters into the engine and reset its prefix cache.
+        """Push what changed in ``model`` since the last push into the engine and reset its prefix cache.
 
-        Skipped when the parameters are provably unchanged since the last push (same tensors, same in-place
-        version counters) and the engine still holds them, e.g. a validation right after a rollout.
+        Change is seen through each parameter's storage and in-place version counter (``tensor._version``, bumped
+        by optimizer steps and ``load_state_dict``; not by writes through ``param.data``). Nothing changed (e.g. a
+        validation right after a rollout): no push. Some parameters frozen: only the engine layers holding a
+        changed parameter are pushed (:func:`changed_names`). A new module, FSDP shards, the ``ipc`` method or an
+        engine that slept at level 2: everything is pushed.
         """
         self._model = model
         if not self.sync_enabled:
             return
-        fingerprint = _fingerprint(model)
-        if fingerprint == self._synced and not self._weights_lost:
-            return
+        versions = tensor_versions(model)
+        names: set[str] | None = None  # None: push every tensor
+        if not self._weights_lost and self._pushed_id == id(model) and self.sync_method != "ipc":
+            names = changed_names(self._pushed, versions)
+            if names is not None and not names:
+                return
         self._check_dtype(model)
         t0 = time.perf_counter()
         self._wake(["weights"])  # asleep, the weights have no device memory to be written into
-        self._push(model)
-        self._synced = fingerprint
+        self.last_sync_tensors = self._push(model, names)
+        self._pushed, self._pushed_id = versions, id(model)
         self.last_sync_s = time.perf_counter() - t0
         self.num_syncs += 1
 
-    def _push(self, model: nn.Module) -> None:
+    def _push(self, model: nn.Module, names: set[str] | None = None) -> int:
+        """Push ``names`` (None: all) of ``model``'s tensors; returns how many tensors went."""
+        named = [(n, t) for n, t in named_tensors(model) if names is None or n in names]
+        partial = names is not None
         with torch.no_grad():
             if self.sync_method == "ipc":
                 self._push_ipc(model)
             elif self.sync_method == "direct":
-                self.llm.collective_rpc(
-                    "reload_weights", kwargs={"weights_iterator": list(named_tensors(model))}
-                )
+                self.llm.collective_rpc("dapo_pl_reload", kwargs={"weights": named, "partial": partial})
             elif self.sync_method == "file":
-                _push_file(self.llm, named_tensors(model))
+                _push_file(self.llm, named, partial)
             else:
-                self.llm.collective_rpc("dapo_pl_load_weights", args=(_bytes_payload(named_tensors(model)),))
+                self.llm.collective_rpc("dapo_pl_load_weights", args=(_bytes_payload(named), partial))
         self._weights_lost = False
         if not self.llm.reset_prefix_cache():
             raise RuntimeError(
                 "vLLM refused to reset its prefix cache after a weight sync (requests still running?)"
             )
+        return len(named)
 
     def _push_ipc(self, model: nn.Module) -> None:
         if self._ipc_sender is None or self._ipc_module is not model:
@@ -324,10 +336,13 @@ class VLLMEngine:
 
 
 class WeightLoaderExtension:
-    """Mixed into each vLLM worker (``worker_extension_cls``): receives weights sent by the ``rpc`` sync method."""
+    """Mixed into each vLLM worker (``worker_extension_cls``): receives the weights :meth:`VLLMEngine.sync_weights`
+    sends and loads them through the worker's in-place ``reload_weights``."""
 
-    def dapo_pl_load_weights(self, payload: list[tuple[str, str, list[int], Any]]) -> int:
-        """Load ``(name, dtype, shape, raw bytes)`` entries through the worker's in-place ``reload_weights``."""
+    def dapo_pl_load_weights(
+        self, payload: list[tuple[str, str, list[int], Any]], partial: bool = False
+    ) -> int:
+        """Load ``(name, dtype, shape, raw bytes)`` entries (the ``rpc`` sync method)."""
         weights = []
         for name, dtype_name, shape, data in payload:
             dtype = getattr(torch, dtype_name)
@@ -338,8 +353,17 @@ class WeightLoaderExtension:
                 warnings.simplefilter("ignore")  # a read-only buffer: only read from here
                 flat = torch.frombuffer(data, dtype=torch.uint8)
             weights.append((name, flat.view(dtype).reshape(shape)))
-        self.reload_weights(weights_iterator=weights)  # type: ignore[attr-defined]
-        return len(weights)
+        return self.dapo_pl_reload(weights=weights, partial=partial)
+
+    def dapo_pl_reload(
+        self, weights: list[tuple[str, Tensor]] | None = None, path: str | None = None, partial: bool = False
+    ) -> int:
+        """``reload_weights`` from tensors or a checkpoint folder. ``partial``: only some layers are sent, on
+        purpose, so vLLM's warnings about layers that kept their weights are silenced for this call."""
+        kwargs: dict[str, Any] = {"weights_iterator": weights} if path is None else {"weights_path": path}
+        with _quiet_partial_reload(partial):
+            self.reload_weights(**kwargs)  # type: ignore[attr-defined]
+        return len(weights or [])
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------
@@ -357,9 +381,54 @@ def named_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
         yield name.replace("_orig_mod.", ""), tensor
 
 
-def _fingerprint(model: nn.Module) -> tuple[Any, ...]:
-    """Changes whenever a parameter is modified in place (optimizer steps) or replaced."""
-    return (id(model),) + tuple((p.data_ptr(), p._version) for p in model.parameters())
+def tensor_versions(model: nn.Module) -> dict[str, tuple[int, int]] | None:
+    """``name -> (storage pointer, in-place version counter)`` of every tensor :func:`named_tensors` sends; None
+    for sharded (DTensor) parameters, whose local shards are not seen from here (always pushed whole)."""
+    versions = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if callable(getattr(param, "full_tensor", None)):
+            return None
+        versions[name.replace("_orig_mod.", "")] = (param.data_ptr(), param._version)
+    return versions
+
+
+def sync_unit(name: str) -> str:
+    """The group a checkpoint tensor is pushed with: its module's parent (``model.layers.0.self_attn`` for
+    ``model.layers.0.self_attn.q_proj.weight``). vLLM fuses sibling modules (q/k/v into ``qkv_proj``,
+    gate/up into ``gate_up_proj``), and a fused layer reloaded from some of its parts would lose the others."""
+    return ".".join(name.split(".")[:-2])
+
+
+def changed_names(
+    before: dict[str, tuple[int, int]] | None, now: dict[str, tuple[int, int]] | None
+) -> set[str] | None:
+    """The tensor names to push: every name in a :func:`sync_unit` with a changed tensor. None: push everything
+    (no record of the last push, a different set of tensors, or versions unknown); empty: nothing changed."""
+    if before is None or now is None or before.keys() != now.keys():
+        return None
+    units = {sync_unit(n) for n, v in now.items() if before[n] != v}
+    names = {n for n in now if sync_unit(n) in units}
+    return None if len(names) == len(now) else names
+
+
+@contextlib.contextmanager
+def _quiet_partial_reload(partial: bool) -> Iterator[None]:
+    """Silence vLLM's "Failed to load weights" / "weights were not loaded" warnings of an intended partial push."""
+    import logging
+
+    names = (
+        "vllm.model_executor.model_loader.reload.layerwise",
+        "vllm.model_executor.model_loader.reload.inplace",
+    )
+    loggers = [logging.getLogger(n) for n in names] if partial else []
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _sampled_logprobs(logprobs: Any, token_ids: list[int]) -> list[float]:
@@ -372,7 +441,7 @@ def _sampled_logprobs(logprobs: Any, token_ids: list[int]) -> list[float]:
     return [float(position[token].logprob) for position, token in zip(logprobs, token_ids, strict=True)]
 
 
-def _bytes_payload(named: Iterator[tuple[str, Tensor]]) -> list[tuple[str, str, list[int], Any]]:
+def _bytes_payload(named: Iterable[tuple[str, Tensor]]) -> list[tuple[str, str, list[int], Any]]:
     """``(name, dtype, shape, bytes)`` per tensor: msgpack carries raw bytes, not tensors, between processes."""
     payload = []
     for name, tensor in named:
@@ -382,7 +451,7 @@ def _bytes_payload(named: Iterator[tuple[str, Tensor]]) -> list[tuple[str, str, 
     return payload
 
 
-def _push_file(llm: Any, named: Iterator[tuple[str, Tensor]]) -> None:
+def _push_file(llm: Any, named: Iterable[tuple[str, Tensor]], partial: bool = False) -> None:
     """Write a safetensors checkpoint to a RAM disk when there is one and let the workers reload it."""
     from safetensors.torch import save_file
 
@@ -398,7 +467,7 @@ def _push_file(llm: Any, named: Iterator[tuple[str, Tensor]]) -> None:
     folder = tempfile.mkdtemp(prefix="dapo-pl-weights-", dir=root)
     try:
         save_file(tensors, os.path.join(folder, "model.safetensors"))
-        llm.collective_rpc("reload_weights", kwargs={"weights_path": folder})
+        llm.collective_rpc("dapo_pl_reload", kwargs={"path": folder, "partial": partial})
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -478,5 +547,11 @@ def _start_llm(kwargs: dict[str, Any], *, in_process: bool, ipc: bool) -> Any:
         # The messages stay on this host (the trainer and its engine processes).
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if in_process else {}
+    if not ipc and "OMP_WAIT_POLICY" not in os.environ:
+        # The engine's processes inherit this at spawn. Colocated on few cores, OpenMP threads that spin after each
+        # parallel region take cores from the trainer; vLLM's own CPU binding (VLLM_CPU_OMP_THREADS_BIND=auto:
+        # compute threads on all but one core, one core left to its scheduler) is kept: binding every core to
+        # compute made generation ~10x slower on 2 cores (docs/performance.md).
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     with _environ(env):
         return LLM(**kwargs)

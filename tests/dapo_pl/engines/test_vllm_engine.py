@@ -26,7 +26,7 @@ from dapo_pl.batch import RolloutBatch  # noqa: E402
 from dapo_pl.engines import SamplingConfig, build_engine  # noqa: E402
 from dapo_pl.engines.base import Completion  # noqa: E402
 from dapo_pl.engines.hf import TransformersEngine  # noqa: E402
-from dapo_pl.engines.vllm import VLLMEngine  # noqa: E402
+from dapo_pl.engines.vllm import VLLMEngine, changed_names, sync_unit  # noqa: E402
 from dapo_pl.objective import logprobs_from_logits  # noqa: E402
 from dapo_pl.update import cut_batch, score_old  # noqa: E402
 
@@ -257,6 +257,52 @@ def test_sync_is_skipped_only_when_the_weights_did_not_change(
     _update(policy, tokenizer, steps=1)
     engine.sync_weights(policy)
     assert engine.num_syncs == before + 1
+
+
+def test_changed_names_pushes_whole_sync_units_and_nothing_when_unchanged() -> None:
+    """Hand-worked: q_proj changed -> its siblings k_proj/v_proj (fused into vLLM's qkv_proj) go with it; the
+    MLP and embedding did not change and stay; unchanged versions -> nothing; a new set of names -> everything."""
+    before = {
+        "model.embed_tokens.weight": (1, 0),
+        "model.layers.0.self_attn.q_proj.weight": (2, 0),
+        "model.layers.0.self_attn.k_proj.weight": (3, 0),
+        "model.layers.0.self_attn.v_proj.weight": (4, 0),
+        "model.layers.0.mlp.up_proj.weight": (5, 0),
+        "model.layers.0.input_layernorm.weight": (6, 0),
+    }
+    now = {**before, "model.layers.0.self_attn.q_proj.weight": (2, 3)}
+    assert changed_names(before, now) == {f"model.layers.0.self_attn.{m}_proj.weight" for m in "qkv"}
+    assert changed_names(before, dict(before)) == set()
+    assert changed_names(before, {k: (p, v + 1) for k, (p, v) in before.items()}) is None  # all: a full push
+    assert changed_names(before, {"lm_head.weight": (7, 0), **before}) is None
+    assert changed_names(None, before) is None
+    assert sync_unit("model.layers.0.self_attn.q_proj.weight") == "model.layers.0.self_attn"
+    assert sync_unit("model.layers.0.input_layernorm.weight") == "model.layers.0"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["rpc", "file"])
+def test_only_changed_layers_are_pushed_and_the_engine_still_follows_the_trainer(
+    engine: VLLMEngine, tokenizer: Any, policy: torch.nn.Module, method: str
+) -> None:
+    """Frozen embeddings (tied to lm_head) and frozen k/v projections: a step changes q/o and the MLPs; the push
+    leaves out only the embedding, its tied head and the layer norms' groups, yet the engine's log-probs equal
+    the trainer's. k/v are pushed with q (one fused qkv_proj in vLLM): pushing q alone would corrupt k/v."""
+    engine.sync_method = method
+    for name, param in policy.named_parameters():
+        if "embed_tokens" in name or "k_proj" in name or "v_proj" in name or "norm" in name:
+            param.requires_grad_(False)
+    total = len(list(policy.named_parameters(remove_duplicate=False)))
+    _update(policy, tokenizer)
+    engine.sync_weights(policy)
+    frozen_units = {"model", "", *{f"model.layers.{i}" for i in range(policy.config.num_hidden_layers)}}
+    expected = [
+        n for n, _ in policy.named_parameters(remove_duplicate=False) if sync_unit(n) not in frozen_units
+    ]
+    assert engine.last_sync_tensors == len(expected) < total
+    prompts = _prompts(tokenizer, 4)
+    groups = engine.generate(prompts, SamplingConfig(n=4, max_new_tokens=16), seed=5)
+    assert _gap(policy, prompts, groups, 1.0) < 1e-4
 
 
 @pytest.mark.slow
