@@ -45,3 +45,10 @@ class DAPOMLFlowLogger(MLFlowLogger):
             log_model=log_model,
             tags=tags,
         )
+
+    def mark_killed(self) -> None:
+        """End the run as ``KILLED`` (a preempted fit) instead of ``FAILED`` when Lightning finalizes it."""
+        self._killed = True
+
+    def finalize(self, status: str = "success") -> None:
+        super().finalize("KILLED" if getattr(self, "_killed", False) else status)
