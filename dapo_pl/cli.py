@@ -88,7 +88,7 @@ class DAPOCLI(LightningCLI):
         path = ckpt_path if ckpt_path not in ("best", "hpc", "registry") else None
         if path is None:
             return
-        if Path(path).is_dir() and (Path(path) / "meta.pt").exists():
+        if Path(path).is_dir() and (Path(path) / "meta.pt").exists():  # a sharded checkpoint folder
             path = str(Path(path) / "meta.pt")
         run_id = torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("mlflow_run_id")
         if run_id:
@@ -144,12 +144,7 @@ def _resolve_ckpt(trainer: Any, ckpt_path: str) -> str | None:
         elif skipped:
             rank_zero_warn(f"--ckpt_path last: resuming from {path}, the newest checkpoint that loads")
         return path
-    if ckpt_path in ("best", "hpc", "registry"):
-        return ckpt_path
-    folder = Path(ckpt_path)
-    if folder.is_dir() and (folder / "meta.pt").exists():  # distributed (sharded) checkpoint folder
-        return str(folder / "meta.pt")
-    return ckpt_path
+    return ckpt_path  # a file, a sharded checkpoint folder, or Lightning's "best", "hpc", "registry"
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

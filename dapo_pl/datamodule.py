@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -218,22 +219,40 @@ class DAPODataModule(L.LightningDataModule):
         return _Batches([mine[i : i + size] for i in range(0, len(mine), size)])
 
     def state_dict(self) -> dict[str, Any]:
-        """The prompt stream, the training generation counter and the carry-over buffer (plain types only, so
-        the checkpoint loads with ``weights_only``). Validation keeps no state: its seeds depend on the batch
-        index alone (:meth:`validation_correctness`), so a validation pass never shifts what training draws."""
+        """The prompt stream, the training generation counter and every rank's carry-over buffer (each rank holds
+        its own share of the groups; plain types only, so the checkpoint loads with ``weights_only``).
+
+        Validation keeps no state: its seeds depend on the batch index alone (:meth:`validation_correctness`), so
+        a validation pass never shifts what training draws. Called on every rank (a collective when distributed).
+        """
+        mine = [group_to_state(g) for g in self.buffer.state()]
+        dp = self._dp()
+        buffers: list[Any] = [mine]
+        if dp.distributed:
+            buffers = [None] * dp.size
+            torch.distributed.all_gather_object(buffers, mine)
         return {
             "order": list(self._order),
             "cursor": self._cursor,
             "epoch": self._epoch,
             "gen_calls": self._gen_calls,
-            "buffer": [group_to_state(g) for g in self.buffer.state()],
+            "buffers": buffers,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._order, self._cursor = list(state["order"]), int(state["cursor"])
         self._epoch, self._gen_calls = int(state["epoch"]), int(state["gen_calls"])
+        buffers, dp = state.get("buffers", [[]]), self._dp()
         self.buffer = GroupBuffer()
-        self.buffer.add(group_from_state(g) for g in state.get("buffer", []))
+        if len(buffers) != dp.size:
+            if any(buffers):
+                warnings.warn(
+                    f"the checkpoint was written by {len(buffers)} data-parallel ranks and is resumed on {dp.size}: "
+                    "its carried-over groups are dropped, so this resume is not exact",
+                    stacklevel=2,
+                )
+            return
+        self.buffer.add(group_from_state(g) for g in buffers[dp.rank])
 
     # ---- rollouts -----------------------------------------------------------------------------------------
     def _policy(self) -> torch.nn.Module:

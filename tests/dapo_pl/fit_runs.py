@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,6 +38,12 @@ def build_model(root: Path) -> Path:
     out = root / "quickstart_resume"
     load_tool("make_quickstart").build(out, sft_steps=250, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def resume_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The model of :func:`build_model`, built once per session in its base folder."""
+    return build_model(tmp_path_factory.getbasetemp())
 
 
 def fit_args(workdir: Path, qs: Path, *extra: str, ckpt_dir: str = "checkpoints") -> list[str]:

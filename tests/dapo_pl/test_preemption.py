@@ -12,11 +12,11 @@ import signal
 import time
 from pathlib import Path
 
+import fit_runs
 import pytest
 from fit_runs import (
     MAX_STEPS,
     assert_same_after,
-    build_model,
     checkpoint_step,
     logged_step,
     reference_run,
@@ -28,10 +28,7 @@ from fit_runs import (
 
 from dapo_pl.preemption import Preempted, PreemptionAbandoned, resume_hint
 
-
-@pytest.fixture(scope="session")
-def resume_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_model(tmp_path_factory.getbasetemp())  # built once per session, shared
+resume_model = fit_runs.resume_model  # the session fixture
 
 
 @pytest.mark.slow

@@ -12,13 +12,13 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import fit_runs
 import pytest
 import torch
 from fit_runs import (
     EVERY,
     MAX_STEPS,
     assert_same_after,
-    build_model,
     checkpoint_step,
     kill9,
     raw_steps,
@@ -34,10 +34,7 @@ from dapo_pl.data import PromptRecord
 from dapo_pl.datamodule import Group, group_from_state, group_to_state
 from dapo_pl.engines import Completion
 
-
-@pytest.fixture(scope="session")
-def resume_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_model(tmp_path_factory.getbasetemp())  # built once per session, shared
+resume_model = fit_runs.resume_model  # the session fixture
 
 
 @pytest.mark.slow
@@ -55,7 +52,7 @@ def test_kill9_then_resume_reproduces_the_uninterrupted_fit(
     assert path is not None and not skipped
     k = checkpoint_step(Path(path))
     assert EVERY <= k < MAX_STEPS
-    buffer = torch.load(path, map_location="cpu", weights_only=False)["DAPODataModule"]["buffer"]
+    buffer = torch.load(path, map_location="cpu", weights_only=False)["DAPODataModule"]["buffers"][0]
     assert buffer, "no carried-over group at the resume step: the test would not cover the buffer"
     killed_at = max(raw_steps(workdir, "train/num_gen_batches"))
     assert killed_at > k
