@@ -77,6 +77,9 @@ class PreemptionCallback(L.Callback):
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._stopping = (
+            False  # saving the checkpoint or shutting down: later signals must not interrupt that
+        )
         self._previous: dict[int, Any] = {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -86,7 +89,10 @@ class PreemptionCallback(L.Callback):
             self._previous[signum] = signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self._stopping:
+            return
         if self.signum is not None:
+            self._stopping = True
             raise PreemptionAbandoned(signum)
         self.signum = signum
         print(
@@ -102,6 +108,7 @@ class PreemptionCallback(L.Callback):
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if not stop:
             return
+        self._stopping = True
         folder = checkpoint_folder(trainer)
         path = str(Path(folder) / "last.ckpt") if folder else None
         if path is not None:

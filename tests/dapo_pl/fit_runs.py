@@ -46,11 +46,13 @@ def resume_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_model(tmp_path_factory.getbasetemp())
 
 
-def fit_args(workdir: Path, qs: Path, *extra: str, ckpt_dir: str = "checkpoints") -> list[str]:
+def fit_args(
+    workdir: Path, qs: Path, *extra: str, ckpt_dir: str = "checkpoints", ckpt_every: int = EVERY
+) -> list[str]:
     extra_yaml = workdir / "checkpoints.yaml"
     extra_yaml.write_text(
         "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
-        f"      init_args: {{dirpath: '{ckpt_dir}', every_n_train_steps: {EVERY}, save_last: true}}\n",
+        f"      init_args: {{dirpath: '{ckpt_dir}', every_n_train_steps: {ckpt_every}, save_last: true}}\n",
         encoding="utf-8",
     )
     return [
@@ -85,10 +87,10 @@ def run_fit(
     )
 
 
-def start_fit(workdir: Path, qs: Path, *extra: str) -> subprocess.Popen[str]:
+def start_fit(workdir: Path, qs: Path, *extra: str, ckpt_every: int = EVERY) -> subprocess.Popen[str]:
     workdir.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(
-        fit_args(workdir, qs, *extra), cwd=workdir, env=env(workdir), text=True,
+        fit_args(workdir, qs, *extra, ckpt_every=ckpt_every), cwd=workdir, env=env(workdir), text=True,
         stdout=open(workdir / "stdout.txt", "w"), stderr=open(workdir / "stderr.txt", "w"),  # noqa: SIM115
     )  # fmt: skip
 

@@ -27,7 +27,7 @@ class PoisonGrad(L.Callback):
     def __init__(self):
         self.batch = 0
         self.poison = {int(s) for s in os.environ["POISON"].split(",")}
-        self.log = open(os.environ["RECORD"], "w")
+        self.out = open(os.environ["RECORD"], "w")
 
     def on_train_start(self, trainer, pl_module):
         param = next(pl_module.policy.parameters())
@@ -46,8 +46,8 @@ class PoisonGrad(L.Callback):
             "adam_steps": max(steps, default=0.0),
             "sched": pl_module.lr_schedulers().last_epoch,
         }
-        self.log.write(json.dumps(record) + "\\n")
-        self.log.flush()
+        self.out.write(json.dumps(record) + "\\n")
+        self.out.flush()
 '''
 
 

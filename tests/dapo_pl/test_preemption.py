@@ -60,13 +60,19 @@ def test_sigterm_saves_marks_killed_and_resumes_exactly(
 @pytest.mark.slow
 def test_a_second_sigint_abandons_the_step(resume_model: Path, tmp_path: Path) -> None:
     proc = start_fit(tmp_path, resume_model)
-    wait_for_step(proc, tmp_path, 0)
+    wait_for_step(proc, tmp_path, 0)  # step 1 is logged: step 2 (with its rollouts) has just begun
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + 60
+    while "SIGINT received" not in (tmp_path / "stderr.txt").read_text():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # while step 2 still runs
     assert proc.wait(timeout=300) == 128 + signal.SIGINT
     stderr = (tmp_path / "stderr.txt").read_text()
-    assert "second SIGINT" in stderr and "Traceback" not in stderr, stderr[-2000:]
+    assert "second SIGINT" in stderr and "resume with:" in stderr and "Traceback" not in stderr, stderr[
+        -2000:
+    ]
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()  # nothing saved from the abandoned step
     assert the_run(tmp_path).info.status == "KILLED"
 
 

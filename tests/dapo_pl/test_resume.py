@@ -16,10 +16,10 @@ import fit_runs
 import pytest
 import torch
 from fit_runs import (
-    EVERY,
     MAX_STEPS,
     assert_same_after,
     checkpoint_step,
+    histories,
     kill9,
     raw_steps,
     reference_run,
@@ -43,17 +43,23 @@ def test_kill9_then_resume_reproduces_the_uninterrupted_fit(
 ) -> None:
     root = tmp_path_factory.getbasetemp()
     reference = reference_run(root, resume_model)
+    # Resume just before the first step that trains on carried-over groups: checkpoint every s - 1 steps.
+    carried = [step for step, v in histories(reference)["train/carried_group_frac"] if v > 0]
+    assert carried and carried[0] > 1, (
+        "no step after the first trains on carried-over groups: lengthen the fit"
+    )
+    s = carried[0]
 
     workdir = tmp_path_factory.mktemp("killed")
-    proc = start_fit(workdir, resume_model)
-    wait_for_step(proc, workdir, EVERY + 1)  # a step after the first periodic checkpoint is logged
+    proc = start_fit(workdir, resume_model, ckpt_every=s - 1)
+    wait_for_step(proc, workdir, s)  # the step after the checkpoint is logged
     kill9(proc)
     path, skipped = find_resume_checkpoint([workdir / "checkpoints"])
     assert path is not None and not skipped
     k = checkpoint_step(Path(path))
-    assert EVERY <= k < MAX_STEPS
-    buffer = torch.load(path, map_location="cpu", weights_only=False)["DAPODataModule"]["buffers"][0]
-    assert buffer, "no carried-over group at the resume step: the test would not cover the buffer"
+    assert k == s - 1
+    buffers = torch.load(path, map_location="cpu", weights_only=False)["DAPODataModule"]["buffers"]
+    assert len(buffers) == 1 and buffers[0], "the checkpoint holds no carried-over group"
     killed_at = max(raw_steps(workdir, "train/num_gen_batches"))
     assert killed_at > k
 
