@@ -10,15 +10,27 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from dapo_pl.checkpoint import (
+    CheckpointWriteError,
+    check_writable,
+    find_resume_checkpoint,
+    install_atomic_checkpoint_io,
+)
 from dapo_pl.datamodule import DAPODataModule
-from dapo_pl.module import DAPOModule
+from dapo_pl.module import DAPOModule, NonFiniteLossError
+from dapo_pl.preemption import PreemptedFit, PreemptionCallback, resume_hint
 from dapo_pl.progress import DAPOProgressBar
 
 PLUGIN_COMMANDS = ("verifiers", "verify", "compare", "mlflow-replay")
@@ -40,10 +52,32 @@ class DAPOCLI(LightningCLI):
         parser.add_lightning_class_args(DAPOProgressBar, "progress_bar")
 
     def before_fit(self) -> None:
+        self._prepare_checkpoints()
         self._resume_mlflow_run()
         self._log_config()
 
+    def _prepare_checkpoints(self) -> None:
+        """Atomic checkpoint writes, writable folders (checked now, not at the first save), ``--ckpt_path`` made
+        a verified file, and SIGTERM/SIGINT turned into "finish the step, save, stop" (docs/reliability.md)."""
+        trainer: Any = self.trainer
+        config = self.config_init[self.subcommand]
+        install_atomic_checkpoint_io(trainer)
+        for folder in _checkpoint_folders(trainer):
+            check_writable(folder)
+        if config.get("ckpt_path"):
+            config["ckpt_path"] = _resolve_ckpt(trainer, config["ckpt_path"])
+        if not any(isinstance(cb, PreemptionCallback) for cb in trainer.callbacks):
+            first_ckpt = next(
+                (i for i, cb in enumerate(trainer.callbacks) if isinstance(cb, Checkpoint)), None
+            )
+            trainer.callbacks.insert(
+                len(trainer.callbacks) if first_ckpt is None else first_ckpt, PreemptionCallback()
+            )
+
     def before_validate(self) -> None:
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path"):
+            config["ckpt_path"] = _resolve_ckpt(self.trainer, config["ckpt_path"])
         self._log_config()
 
     def _resume_mlflow_run(self) -> None:
@@ -52,10 +86,12 @@ class DAPOCLI(LightningCLI):
         logger = self.trainer.logger
         if not ckpt_path or logger is None or not hasattr(logger, "_run_id") or logger._run_id is not None:
             return
-        path = _resolve_ckpt(self.trainer, ckpt_path)
+        path = ckpt_path if ckpt_path not in ("best", "hpc", "registry") else None
         if path is None:
             return
-        run_id = torch.load(path, map_location="cpu", weights_only=False).get("mlflow_run_id")
+        if Path(path).is_dir() and (Path(path) / "meta.pt").exists():  # a sharded checkpoint folder
+            path = str(Path(path) / "meta.pt")
+        run_id = torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("mlflow_run_id")
         if run_id:
             logger._run_id = run_id
 
@@ -79,20 +115,37 @@ class DAPOCLI(LightningCLI):
             logger.experiment.log_text(run_id, text, "config.yaml")
 
 
+def _checkpoint_folders(trainer: Any) -> list[str]:
+    """The local folders the checkpoint callbacks write to (Lightning's default for one without a dirpath)."""
+    folders = []
+    for cb in trainer.checkpoint_callbacks:
+        folder = getattr(cb, "dirpath", None) or os.path.join(trainer.default_root_dir, "checkpoints")
+        if "://" not in str(folder) and str(folder) not in folders:
+            folders.append(str(folder))
+    return folders
+
+
 def _resolve_ckpt(trainer: Any, ckpt_path: str) -> str | None:
-    """The file behind ``--ckpt_path`` (``last`` is looked up the way Lightning does, before fit starts)."""
+    """The file behind ``--ckpt_path``. ``last`` is the newest checkpoint in the checkpoint folders that opens
+    (broken ones are skipped with a warning); None (start afresh) when there is none at all."""
     if ckpt_path == "last":
-        candidates: set[str] = set()
-        for cb in trainer.checkpoint_callbacks:
-            if getattr(cb, "dirpath", None):
-                candidates |= {str(p) for p in cb._find_last_checkpoints(trainer)}
-        return max(candidates, key=lambda p: Path(p).stat().st_mtime) if candidates else None
-    if ckpt_path in ("best", "hpc", "registry"):
-        return None
-    path = Path(ckpt_path)
-    if path.is_dir() and (path / "meta.pt").exists():  # distributed (sharded) checkpoint folder
-        return str(path / "meta.pt")
-    return ckpt_path
+        folders = _checkpoint_folders(trainer)
+        path, skipped = find_resume_checkpoint(folders)
+        for bad, why in skipped:
+            rank_zero_warn(f"--ckpt_path last: skipping {bad}, which cannot be loaded ({why})")
+        if path is None and skipped:
+            raise CheckpointWriteError(
+                f"--ckpt_path last: no checkpoint in {', '.join(folders)} can be loaded (see the warnings above); "
+                "move the broken files away to start afresh, or pass --ckpt_path FILE"
+            )
+        if path is None:
+            rank_zero_info(
+                f"[dapo-pl] --ckpt_path last: no checkpoint in {', '.join(folders)} yet; starting afresh"
+            )
+        elif skipped:
+            rank_zero_warn(f"--ckpt_path last: resuming from {path}, the newest checkpoint that loads")
+        return path
+    return ckpt_path  # a file, a sharded checkpoint folder, or Lightning's "best", "hpc", "registry"
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -159,4 +212,16 @@ def main(argv: list[str] | None = None) -> int:
     except TrackingUnavailable as exc:  # an outage, not a bug of ours: the message alone says what to do
         print(f"dapo-pl: error: {exc}", file=sys.stderr)
         return 2
+    except PreemptedFit as exc:
+        print(resume_hint(exc, args), file=sys.stderr)
+        return 128 + exc.signum
+    except SIGTERMException:  # Lightning's own SIGTERM handling, before training started (e.g. set-up)
+        print(
+            "[dapo-pl] stopped by SIGTERM before training started; run the same command again",
+            file=sys.stderr,
+        )
+        return 128 + signal.SIGTERM
+    except (CheckpointWriteError, NonFiniteLossError) as exc:
+        print(f"[dapo-pl] error: {exc}", file=sys.stderr)
+        return 1
     return 0

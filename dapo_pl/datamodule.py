@@ -21,13 +21,13 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
 
 from dapo_pl.batch import RolloutBatch
 from dapo_pl.data import PromptDataConfig, PromptRecord, check_model_source, load_prompts, render_prompt
@@ -204,31 +204,56 @@ class DAPODataModule(L.LightningDataModule):
         return _RolloutStream(self)
 
     def val_dataloader(self) -> Any:
+        # Ready-made batches, not a DataLoader: each pass over one draws a seed from the global torch RNG, which
+        # would make training after a validation differ from training after a resume.
         if not self._val:
             return []
         dp = self._dp()
-        if not dp.distributed:
-            return DataLoader(self._val, batch_size=self.val_batch_prompts, shuffle=False, collate_fn=list)
-        # Our own shards, not Lightning's DistributedSampler: it would repeat prompts to even the shards out and
-        # count them twice. Shards are padded with None (generated, not scored) so that every rank runs the same
-        # generation calls: a sharded model or a tensor-parallel engine makes each of them a collective.
-        mine: list[PromptRecord | None] = shard(self._val, dp.rank, dp.size)
-        mine += [None] * (math.ceil(len(self._val) / dp.size) - len(mine))
+        mine: list[PromptRecord | None] = list(self._val)
+        if dp.distributed:
+            # Our own shards, not Lightning's DistributedSampler: it would repeat prompts to even the shards out
+            # and count them twice. Shards are padded with None (generated, not scored) so that every rank runs
+            # the same generation calls: a sharded model or a tensor-parallel engine makes each a collective.
+            mine = shard(self._val, dp.rank, dp.size)
+            mine += [None] * (math.ceil(len(self._val) / dp.size) - len(mine))
         size = self.val_batch_prompts
         return _Batches([mine[i : i + size] for i in range(0, len(mine), size)])
 
     def state_dict(self) -> dict[str, Any]:
-        # The carry-over buffer is not saved: after a resume the first step samples afresh.
+        """The prompt stream, the training generation counter and every rank's carry-over buffer (each rank holds
+        its own share of the groups; plain types only, so the checkpoint loads with ``weights_only``).
+
+        Validation keeps no state: its seeds depend on the batch index alone (:meth:`validation_correctness`), so
+        a validation pass never shifts what training draws. Called on every rank (a collective when distributed).
+        """
+        mine = [group_to_state(g) for g in self.buffer.state()]
+        dp = self._dp()
+        buffers: list[Any] = [mine]
+        if dp.distributed:
+            buffers = [None] * dp.size
+            torch.distributed.all_gather_object(buffers, mine)
         return {
-            "order": self._order,
+            "order": list(self._order),
             "cursor": self._cursor,
             "epoch": self._epoch,
             "gen_calls": self._gen_calls,
+            "buffers": buffers,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._order, self._cursor = list(state["order"]), int(state["cursor"])
         self._epoch, self._gen_calls = int(state["epoch"]), int(state["gen_calls"])
+        buffers, dp = state.get("buffers", [[]]), self._dp()
+        self.buffer = GroupBuffer()
+        if len(buffers) != dp.size:
+            if any(buffers):
+                warnings.warn(
+                    f"the checkpoint was written by {len(buffers)} data-parallel ranks and is resumed on {dp.size}: "
+                    "its carried-over groups are dropped, so this resume is not exact",
+                    stacklevel=2,
+                )
+            return
+        self.buffer.add(group_from_state(g) for g in buffers[dp.rank])
 
     # ---- rollouts -----------------------------------------------------------------------------------------
     def _policy(self) -> torch.nn.Module:
@@ -253,17 +278,20 @@ class DAPODataModule(L.LightningDataModule):
         return shard(out, dp.rank, dp.size)
 
     def generate_groups(
-        self, records: list[PromptRecord], params: SamplingConfig
+        self, records: list[PromptRecord], params: SamplingConfig, call: int | None = None
     ) -> tuple[list[Group], float, float]:
-        """Generate and score ``params.n`` responses for each record; returns groups, rollout and reward seconds."""
+        """Generate and score ``params.n`` responses for each record; returns groups, rollout and reward seconds.
+
+        The engine seed is ``params.seed + call * ranks + rank``: ``call`` numbers a validation call (its seed
+        then depends on it alone); None takes the next training call (the counter saved in checkpoints).
+        """
         assert self.engine is not None and self.reward_fn is not None
         prompt_ids = [self._prompt_ids(r) for r in records]
+        if call is None:
+            call, self._gen_calls = self._gen_calls, self._gen_calls + 1
         t0 = time.perf_counter()
         dp = self._dp()  # every rank counts the same calls; each draws its own seed
-        completions = self.engine.generate(
-            prompt_ids, params, seed=params.seed + self._gen_calls * dp.size + dp.rank
-        )
-        self._gen_calls += 1
+        completions = self.engine.generate(prompt_ids, params, seed=params.seed + call * dp.size + dp.rank)
         t1 = time.perf_counter()
         samples = [
             Sample(
@@ -343,8 +371,12 @@ class DAPODataModule(L.LightningDataModule):
         batch.samples = _sample_records(generated, kept={id(g) for g in groups})
         return batch
 
-    def validation_correctness(self, records: list[PromptRecord | None]) -> torch.Tensor:
+    def validation_correctness(self, records: list[PromptRecord | None], batch_idx: int = 0) -> torch.Tensor:
         """Correctness ``[P, K]`` of ``val_rollout.n`` samples for each record, with the current policy.
+
+        Batch ``batch_idx`` of every validation pass draws the same seeds (common random numbers: two passes
+        differ by the weights alone), and no training state moves, so a resumed fit validates like an
+        uninterrupted one.
 
         ``None`` entries (padding of a data-parallel shard) are generated with a real prompt in their place, so
         every rank makes the same calls, and left out of the result (P counts the real records only).
@@ -354,7 +386,7 @@ class DAPODataModule(L.LightningDataModule):
         real = [r for r in records if r is not None]
         filler = real[0] if real else self._val[0]
         groups, _, _ = self.generate_groups(
-            [r if r is not None else filler for r in records], self.val_rollout
+            [r if r is not None else filler for r in records], self.val_rollout, call=batch_idx
         )
         correct = [g.correct for g, r in zip(groups, records, strict=True) if r is not None]
         return torch.tensor(correct, dtype=torch.bool).reshape(len(correct), self.val_rollout.n)
@@ -371,6 +403,23 @@ def check_shardable(prompts_per_step: int, gen_batch_prompts: int | None, world_
                 f"data.{name}={value} counts groups over all data-parallel ranks and must be a multiple of the "
                 f"{world_size} ranks (each rank generates {name} / world_size of them)"
             )
+
+
+def group_to_state(group: Group) -> dict[str, Any]:
+    """A :class:`Group` as plain lists, dicts and numbers (for checkpoints); :func:`group_from_state` inverts it."""
+    return asdict(group)
+
+
+def group_from_state(state: dict[str, Any]) -> Group:
+    return Group(
+        record=PromptRecord(**state["record"]),
+        prompt_ids=list(state["prompt_ids"]),
+        completions=[Completion(**c) for c in state["completions"]],
+        rewards=list(state["rewards"]),
+        correct=list(state["correct"]),
+        extracted=list(state["extracted"]),
+        fresh=bool(state["fresh"]),
+    )
 
 
 def build_rollout_batch(

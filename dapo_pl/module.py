@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from dapo_pl.batch import MicroBatch, RolloutBatch, padding_micro_batch
+from dapo_pl.checkpoint import restore_rng_states, rng_states
 from dapo_pl.data import check_model_source
 from dapo_pl.distributed import DataParallel, full_state_dict, is_sharded, mark_synced_generation
 from dapo_pl.head import DEFAULT_CHUNK_TOKENS
@@ -147,6 +148,9 @@ class OptimConfig:
         total_steps: horizon of the cosine schedule (optimizer steps).
         min_lr_ratio: floor of the cosine schedule.
         grad_clip: max global gradient norm (0: no clipping).
+        max_skipped_steps: an optimizer step whose loss or gradient norm is NaN/inf is skipped (gradients
+            dropped, no update, the schedule not advanced; counted in ``train/skipped_steps``); this many skipped
+            in a row stop the fit with an error.
     """
 
     lr: float = 1e-6
@@ -157,6 +161,15 @@ class OptimConfig:
     total_steps: int = 1000
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
+    max_skipped_steps: int = 3
+
+    def __post_init__(self) -> None:
+        if self.max_skipped_steps < 1:
+            raise ValueError(f"optim.max_skipped_steps must be >= 1, got {self.max_skipped_steps}")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had a NaN/inf loss or gradient norm."""
 
 
 def check_old_logprobs(old_logprobs: str, correction_mode: str) -> None:
@@ -226,6 +239,8 @@ class DAPOModule(L.LightningModule):
         self.pad_id = 0
         self._val_correct: list[Tensor] = []
         self.last_rollout_samples: list[dict[str, Any]] = []
+        self.skipped_steps, self.skipped_in_a_row = 0, 0
+        self._rng_to_restore: dict[str, Any] | None = None
 
     # ---- set-up -------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -409,11 +424,42 @@ class DAPOModule(L.LightningModule):
             totals = global_totals(totals, micro_batches, dp)
         grad_norm = self._clip_gradients()
         lr = opt.param_groups[0]["lr"]
+        if self._skip_non_finite(totals["loss"], grad_norm):
+            opt.zero_grad(set_to_none=True)
+            return {"train/skipped_steps": float(self.skipped_steps)}
         opt.step()
         opt.zero_grad(set_to_none=True)
         scheduler.step()
         out = {f"train/{k}": v for k, v in totals.items()}
-        return {**out, **scored, "train/grad_norm": grad_norm, "train/lr": lr}
+        return {
+            **out,
+            **scored,
+            "train/grad_norm": grad_norm,
+            "train/lr": lr,
+            "train/skipped_steps": self.skipped_steps,
+        }
+
+    def _skip_non_finite(self, loss: float, grad_norm: float) -> bool:
+        """True if this optimizer step must be skipped (NaN/inf loss or gradient norm, the same on every rank:
+        both are global); raises :class:`NonFiniteLossError` at ``optim.max_skipped_steps`` in a row."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.skipped_in_a_row = 0
+            return False
+        self.skipped_steps += 1
+        self.skipped_in_a_row += 1
+        limit = self.optim_cfg.max_skipped_steps
+        self.print(
+            f"[dapo-pl] non-finite loss {loss} / grad norm {grad_norm} after optimizer step {self.trainer.global_step}: "
+            f"update skipped ({self.skipped_in_a_row} in a row, the fit stops at {limit})"
+        )
+        if self.skipped_in_a_row >= limit:
+            raise NonFiniteLossError(
+                f"{limit} optimizer steps in a row had a non-finite loss or gradient norm (last: loss {loss}, "
+                f"grad norm {grad_norm}) after step {self.trainer.global_step}: the weights are those of the last "
+                "finite step. Lower model.optim.lr, keep model.optim.grad_clip on, use float32 instead of float16, "
+                "or raise model.optim.max_skipped_steps."
+            )
+        return True
 
     def _clip_gradients(self) -> float:
         """Clip the global gradient norm (identical on every rank after the gradient all-reduce) and return it."""
@@ -456,7 +502,7 @@ class DAPOModule(L.LightningModule):
 
     # ---- validation ---------------------------------------------------------------------------------------
     def validation_step(self, batch: list[Any], batch_idx: int) -> None:
-        correct = self.trainer.datamodule.validation_correctness(batch)  # [P, K]
+        correct = self.trainer.datamodule.validation_correctness(batch, batch_idx)  # [P, K]
         self._val_correct.append(correct)
 
     def on_validation_epoch_end(self) -> None:
@@ -491,6 +537,24 @@ class DAPOModule(L.LightningModule):
         run_id = getattr(self.logger, "run_id", None)
         if run_id:
             checkpoint["mlflow_run_id"] = run_id  # resuming this checkpoint continues the same MLflow run
+        checkpoint["dapo_pl"] = {
+            "rng_states": rng_states(),  # rank 0's, restored on every rank (they are seeded alike)
+            "skipped_steps": self.skipped_steps,
+            "skipped_in_a_row": self.skipped_in_a_row,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("dapo_pl", {})
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
+        self._rng_to_restore = state.get("rng_states")
+
+    def on_train_start(self) -> None:
+        # The generators are restored here, just before the first step, not while the checkpoint loads: model
+        # set-up in between may draw from them, which the uninterrupted fit did before it saved.
+        if self._rng_to_restore is not None:
+            restore_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
 
     # ---- export -------------------------------------------------------------------------------------------
     def on_fit_end(self) -> None:
