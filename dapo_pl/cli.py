@@ -9,14 +9,25 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
 from dapo_pl.datamodule import DAPODataModule
+from dapo_pl.errors import (
+    USER_ERROR_EXIT,
+    ConfigError,
+    DapoUserError,
+    MissingPathError,
+    debug_enabled,
+    user_error_paragraph,
+)
 from dapo_pl.module import DAPOModule
 from dapo_pl.progress import DAPOProgressBar
 
@@ -38,11 +49,25 @@ class DAPOCLI(LightningCLI):
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
         parser.add_lightning_class_args(DAPOProgressBar, "progress_bar")
 
+    def instantiate_classes(self) -> None:
+        """Build the objects; a bad value raised while building one becomes a :class:`ConfigError` naming its key."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, MisconfigurationException) as exc:  # ours (ConfigError) included: add the key
+            raise ConfigError(_with_key(_config_key(exc.__traceback__), str(exc))) from exc
+
     def before_fit(self) -> None:
         self._resume_mlflow_run()
         self._log_config()
 
     def before_validate(self) -> None:
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        model = self.config_init[self.subcommand].get("model")
+        if ckpt_path:
+            print(f"[dapo-pl] validate: scoring the checkpoint {ckpt_path}")
+        else:
+            source = getattr(model, "model_name_or_path", "?")
+            print(f"[dapo-pl] validate: no --ckpt_path, scoring the weights in {source} as they are")
         self._log_config()
 
     def _resume_mlflow_run(self) -> None:
@@ -94,6 +119,35 @@ def _resolve_ckpt(trainer: Any, ckpt_path: str) -> str | None:
     return ckpt_path
 
 
+def _config_key(tb: TracebackType | None) -> str | None:
+    """The config key (``data.rollout``) jsonargparse was building when the traceback ``tb`` was raised.
+
+    jsonargparse builds each class group in ``group_instantiate_class`` (local ``group``) and each typed value in
+    ``instantiate`` (local ``component``); both carry the key as ``dest``. The innermost one is the culprit.
+    """
+    key = None
+    while tb is not None:
+        for name in ("group", "component"):
+            dest = getattr(tb.tb_frame.f_locals.get(name), "dest", None)
+            if isinstance(dest, str) and dest:
+                key = dest
+        tb = tb.tb_next
+    return key
+
+
+def _with_key(key: str | None, message: str) -> str:
+    """``message`` prefixed with the config ``key``, merged when it starts with the field's own name:
+    ``("data.rollout", "max_new_tokens must be >= 1")`` -> ``"data.rollout.max_new_tokens must be >= 1"``."""
+    if not key:
+        return message
+    parent, _, last = key.rpartition(".")
+    if message.startswith(f"{last}."):
+        return f"{parent}.{message}" if parent else message
+    if re.match(r"[a-z_][a-z0-9_]* (must|\()", message):
+        return f"{key}.{message}"
+    return f"{key}: {message}"
+
+
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if hasattr(tree, "items"):
         out: dict[str, Any] = {}
@@ -141,13 +195,65 @@ _KNOWN_WARNINGS = (
 )
 
 
+def _config_files(args: list[str]) -> list[str]:
+    """The values of every ``--config``/``-c`` option in ``args``."""
+    out = []
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            out.append(args[i + 1])
+        elif arg.startswith("--config="):
+            out.append(arg.partition("=")[2])
+    return out
+
+
+def check_config_files(args: list[str]) -> None:
+    """Each ``--config`` file exists and is valid YAML; a syntax error names the file, line and column.
+
+    (jsonargparse reads the text first, so its own message says ``"<unicode string>"`` instead of the file.)
+    A value that is not a path to a ``.yaml``/``.yml``/``.json`` file (jsonargparse also takes inline YAML) is
+    left to jsonargparse.
+    """
+    import yaml
+
+    for value in _config_files(args):
+        path = Path(value)
+        if not path.exists():
+            if path.suffix.lower() in (".yaml", ".yml", ".json"):
+                raise MissingPathError(f"--config {value}: no such file")
+            continue
+        try:
+            yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{value}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{value}, line {mark.line + 1}, column {mark.column + 1}" if mark else value
+            problem = getattr(exc, "problem", None) or str(exc)
+            raise ConfigError(f"{where}: YAML syntax error: {problem}") from exc
+
+
+def _run(argv: list[str] | None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in PLUGIN_COMMANDS:
+        return _plugin_main(args)
+    check_config_files(args)
+    run_lightning(argv)  # None: LightningCLI reads sys.argv itself
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``dapo-pl`` command. A :class:`~dapo_pl.errors.DapoUserError` (bad configuration or data) is printed
+    as one paragraph without a traceback and gives exit status 2 (``DAPO_PL_DEBUG=1``: with the traceback);
+    any other exception keeps its traceback."""
     import warnings
 
     for pattern in _KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in PLUGIN_COMMANDS:
-        return _plugin_main(args)
-    run_lightning(argv)  # None: LightningCLI reads sys.argv itself
-    return 0
+    try:
+        return _run(argv)
+    except DapoUserError as exc:
+        if debug_enabled():
+            raise
+        sys.stdout.flush()
+        print(user_error_paragraph(exc), file=sys.stderr)
+        return USER_ERROR_EXIT

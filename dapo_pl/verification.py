@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import pluggy
 
 from dapo_pl import hookspecs
+from dapo_pl.errors import DapoUserError
 
 PLUGINS_ENV = "DAPO_PL_PLUGINS"
 
@@ -71,7 +72,7 @@ class VerifierInfo:
     plugin: str
 
 
-class VerifierError(RuntimeError):
+class VerifierError(DapoUserError, RuntimeError):
     """A verifier is unknown, misconfigured, or returned output that breaks the contract."""
 
 
