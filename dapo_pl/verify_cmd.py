@@ -273,7 +273,8 @@ def _judge(verifier: Any, samples: list[Sample]) -> list[Verdict]:
     try:
         return list(verifier(samples))
     except Exception as exc:  # a plugin's bug must not lose the other lines of the batch
-        if len(samples) == 1 or isinstance(exc, TimeoutError):
+        timed_out = isinstance(exc, TimeoutError) or "Timeout" in type(exc).__name__  # e.g. VerifierTimeout
+        if len(samples) == 1 or timed_out:
             error = f"{_verifier_name(verifier)} raised {type(exc).__name__}: {exc}"
             return [Verdict(0.0, correct=None, error=error) for _ in samples]
         half = len(samples) // 2

@@ -204,21 +204,27 @@ def raising_plugin(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     reset_plugin_manager()
 
 
-def test_a_raising_verifier_fails_only_its_lines(
+def test_a_raising_verifier_loses_no_line(
     tmp_path: Path, raising_plugin: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """20 lines, batches of 4, two "boom" lines: the other 18 are scored, the two name the verifier."""
-    rows = [{"response": "boom" if i in (5, 14) else str(i % 3), "reference": "1"} for i in range(20)]
+    """20 lines in batches of 4, "boom" at lines 5 and 14 (batches 2 and 4): 20 lines come out, in order; the
+    two name the verifier and its plugin; every line of the other batches is scored. (It used to write 4 lines.)
+    Halving the failed batch also scores the 6 good lines beside the two."""
+    rows = [
+        {"id": i, "response": "boom" if i in (5, 14) else str(i % 3), "reference": "1"} for i in range(20)
+    ]
     data = "".join(json.dumps(r) + "\n" for r in rows).encode()
     _, out = _lines_in_and_out(tmp_path, data, "--verifier", "raises_on_boom")
-    assert len(out) == 20
-    assert [r["correct"] for r in out] == [None if i in (5, 14) else i % 3 == 1 for i in range(20)]
+    assert [r["id"] for r in out] == list(range(20))
     for i in (5, 14):
         assert out[i]["error"] == (
             "verifier 'raises_on_boom' (plugin raising-plugin) raised ValueError: cannot parse boom"
         )
-        assert out[i]["reward"] == 0.0
-    assert "lines a verifier could not judge: 2" in capsys.readouterr().err
+        assert out[i]["correct"] is not True
+    assert [r["correct"] for r in out if r["error"] is None] == [
+        i % 3 == 1 for i in range(20) if i not in (5, 14)
+    ]
+    assert "lines a verifier could not judge: 2)" in capsys.readouterr().err
 
 
 def test_output_equal_to_input_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
