@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -29,6 +32,14 @@ from dapo_pl.checkpoint import (
     install_atomic_checkpoint_io,
 )
 from dapo_pl.datamodule import DAPODataModule
+from dapo_pl.errors import (
+    USER_ERROR_EXIT,
+    ConfigError,
+    DapoUserError,
+    MissingPathError,
+    debug_enabled,
+    user_error_paragraph,
+)
 from dapo_pl.module import DAPOModule, NonFiniteLossError
 from dapo_pl.preemption import PreemptedFit, PreemptionCallback, resume_hint
 from dapo_pl.progress import DAPOProgressBar
@@ -50,6 +61,13 @@ class DAPOCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
         parser.add_lightning_class_args(DAPOProgressBar, "progress_bar")
+
+    def instantiate_classes(self) -> None:
+        """Build the objects; a bad value raised while building one becomes a :class:`ConfigError` naming its key."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, MisconfigurationException) as exc:  # ours (ConfigError) included: add the key
+            raise ConfigError(_with_key(_config_key(exc.__traceback__), str(exc))) from exc
 
     def before_fit(self) -> None:
         self._prepare_checkpoints()
@@ -78,6 +96,13 @@ class DAPOCLI(LightningCLI):
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path"):
             config["ckpt_path"] = _resolve_ckpt(self.trainer, config["ckpt_path"])
+        ckpt_path = config.get("ckpt_path")
+        model = config.get("model")
+        if ckpt_path:
+            print(f"[dapo-pl] validate: scoring the checkpoint {ckpt_path}")
+        else:
+            source = getattr(model, "model_name_or_path", "?")
+            print(f"[dapo-pl] validate: no --ckpt_path, scoring the weights in {source} as they are")
         self._log_config()
 
     def _resume_mlflow_run(self) -> None:
@@ -148,6 +173,35 @@ def _resolve_ckpt(trainer: Any, ckpt_path: str) -> str | None:
     return ckpt_path  # a file, a sharded checkpoint folder, or Lightning's "best", "hpc", "registry"
 
 
+def _config_key(tb: TracebackType | None) -> str | None:
+    """The config key (``data.rollout``) jsonargparse was building when the traceback ``tb`` was raised.
+
+    jsonargparse builds each class group in ``group_instantiate_class`` (local ``group``) and each typed value in
+    ``instantiate`` (local ``component``); both carry the key as ``dest``. The innermost one is the culprit.
+    """
+    key = None
+    while tb is not None:
+        for name in ("group", "component"):
+            dest = getattr(tb.tb_frame.f_locals.get(name), "dest", None)
+            if isinstance(dest, str) and dest:
+                key = dest
+        tb = tb.tb_next
+    return key
+
+
+def _with_key(key: str | None, message: str) -> str:
+    """``message`` prefixed with the config ``key``, merged when it starts with the field's own name:
+    ``("data.rollout", "max_new_tokens must be >= 1")`` -> ``"data.rollout.max_new_tokens must be >= 1"``."""
+    if not key:
+        return message
+    parent, _, last = key.rpartition(".")
+    if message.startswith(f"{last}."):
+        return f"{parent}.{message}" if parent else message
+    if re.match(r"[a-z_][a-z0-9_]* (must|\()", message):
+        return f"{key}.{message}"
+    return f"{key}: {message}"
+
+
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if hasattr(tree, "items"):
         out: dict[str, Any] = {}
@@ -197,14 +251,48 @@ _KNOWN_WARNINGS = (
 )
 
 
-def main(argv: list[str] | None = None) -> int:
-    import warnings
+def _config_files(args: list[str]) -> list[str]:
+    """The values of every ``--config``/``-c`` option in ``args``."""
+    out = []
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            out.append(args[i + 1])
+        elif arg.startswith("--config="):
+            out.append(arg.partition("=")[2])
+    return out
 
-    for pattern in _KNOWN_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
+
+def check_config_files(args: list[str]) -> None:
+    """Each ``--config`` file exists and is valid YAML; a syntax error names the file, line and column.
+
+    (jsonargparse reads the text first, so its own message says ``"<unicode string>"`` instead of the file.)
+    A value that is not a path to a ``.yaml``/``.yml``/``.json`` file (jsonargparse also takes inline YAML) is
+    left to jsonargparse.
+    """
+    import yaml
+
+    for value in _config_files(args):
+        path = Path(value)
+        if not path.exists():
+            if path.suffix.lower() in (".yaml", ".yml", ".json"):
+                raise MissingPathError(f"--config {value}: no such file")
+            continue
+        try:
+            yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{value}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{value}, line {mark.line + 1}, column {mark.column + 1}" if mark else value
+            problem = getattr(exc, "problem", None) or str(exc)
+            raise ConfigError(f"{where}: YAML syntax error: {problem}") from exc
+
+
+def _run(argv: list[str] | None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in PLUGIN_COMMANDS:
         return _plugin_main(args)
+    check_config_files(args)
     from dapo_pl.tracking import TrackingUnavailable
 
     try:
@@ -225,3 +313,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[dapo-pl] error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``dapo-pl`` command. A :class:`~dapo_pl.errors.DapoUserError` (bad configuration or data) is printed
+    as one paragraph without a traceback and gives exit status 2 (``DAPO_PL_DEBUG=1``: with the traceback);
+    any other exception keeps its traceback."""
+    import warnings
+
+    for pattern in _KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    try:
+        return _run(argv)
+    except DapoUserError as exc:
+        if debug_enabled():
+            raise
+        sys.stdout.flush()
+        print(user_error_paragraph(exc), file=sys.stderr)
+        return USER_ERROR_EXIT

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dapo_pl.errors import DapoUserError, MissingPathError, ModelError
 
-class DataError(ValueError):
+
+class DataError(DapoUserError, ValueError):
     """A dataset row or file that cannot be used, with where it is."""
 
 
@@ -215,5 +217,72 @@ def check_model_source(name_or_path: str) -> str:
         hint = ""
         if "quickstart" in name_or_path:
             hint = " (the quickstart builds it: python tools/make_quickstart.py --out artifacts/quickstart, or make quickstart)"
-        raise FileNotFoundError(f"model folder {name_or_path!r} does not exist{hint}")
+        raise MissingPathError(f"model folder {name_or_path!r} does not exist{hint}")
     return name_or_path
+
+
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")
+
+
+def _text_config(name_or_path: str) -> Any:
+    """The model's (text) config, or None when it cannot be read here (e.g. a hub name without network)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError):
+        return None
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def context_length(name_or_path: str) -> int | None:
+    """The model's context length from its config (what vLLM takes as ``max_model_len`` by default), or None."""
+    config = _text_config(name_or_path)
+    for key in _CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_eos(tokenizer: Any, name_or_path: str) -> None:
+    """The tokenizer's EOS id must be a token the model can emit, else no response could ever end.
+
+    A ``tokenizer_config.json`` without ``eos_token`` makes transformers add a token of its own, whose id lies
+    beyond the model's vocabulary: training would then run with every response truncated.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ModelError(
+            f"the tokenizer of {name_or_path!r} has no eos_token: responses could never end. Set eos_token in "
+            "its tokenizer_config.json to the model's end-of-sequence token"
+        )
+    config = _text_config(name_or_path)
+    vocab = getattr(config, "vocab_size", None)
+    if not isinstance(vocab, int) or 0 <= eos < vocab:
+        return
+    hint = ""
+    model_eos = getattr(config, "eos_token_id", None)
+    model_eos = model_eos[0] if isinstance(model_eos, list) and model_eos else model_eos
+    if isinstance(model_eos, int) and 0 <= model_eos < vocab:
+        hint = f" (the model's config.json says eos_token_id {model_eos}, token {tokenizer.convert_ids_to_tokens(model_eos)!r})"
+    raise ModelError(
+        f"the tokenizer of {name_or_path!r} gives the EOS token {tokenizer.eos_token!r} the id {eos}, outside the "
+        f"model's vocabulary of {vocab} tokens: the model could never end a response and every response would "
+        "be truncated. Usually tokenizer_config.json lacks an `eos_token` key and transformers invented one; set "
+        f"`eos_token` there to the model's end-of-sequence token{hint}"
+    )
+
+
+def check_prompt_lengths(records: list[PromptRecord], tokenizer: Any, max_model_len: int, key: str) -> None:
+    """Every prompt leaves room for a response within ``max_model_len`` tokens (checked before the engine
+    starts; ``key`` is the config key of the limit, for the message)."""
+    too_long = [(r, n) for r in records if (n := len(render_prompt(r, tokenizer))) >= max_model_len]
+    if not too_long:
+        return
+    record, length = max(too_long, key=lambda item: item[1])
+    raise DataError(
+        f"{len(too_long)} of {len(records)} prompts leave no room for a response within max_model_len="
+        f"{max_model_len} tokens (the longest, {record.where}, has {length} tokens). Raise {key} (up to the "
+        "model's context length) or remove the long prompts"
+    )

@@ -30,9 +30,20 @@ import lightning as L
 import torch
 
 from dapo_pl.batch import RolloutBatch
-from dapo_pl.data import PromptDataConfig, PromptRecord, check_model_source, load_prompts, render_prompt
+from dapo_pl.data import (
+    DataError,
+    PromptDataConfig,
+    PromptRecord,
+    check_eos,
+    check_model_source,
+    check_prompt_lengths,
+    context_length,
+    load_prompts,
+    render_prompt,
+)
 from dapo_pl.distributed import DataParallel, shard
-from dapo_pl.engines import Completion, RolloutEngine, SamplingConfig, build_engine
+from dapo_pl.engines import ENGINES, Completion, RolloutEngine, SamplingConfig, build_engine
+from dapo_pl.errors import ConfigError
 from dapo_pl.objective import group_advantages
 from dapo_pl.rewards import RewardConfig, RewardFunction
 from dapo_pl.sampling import FillStats, GroupBuffer, fill_batch, group_keep_mask
@@ -65,6 +76,10 @@ class EngineConfig:
 
     name: str = "transformers"
     options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.name not in ENGINES:
+            raise ConfigError(f"unknown rollout engine {self.name!r}; choose one of {', '.join(ENGINES)}")
 
 
 @dataclass
@@ -180,19 +195,32 @@ class DAPODataModule(L.LightningDataModule):
             from transformers import AutoTokenizer
 
             if not self.model_name_or_path:
-                raise ValueError(
+                raise ConfigError(
                     "data.model_name_or_path is empty (the CLI links it from model.model_name_or_path)"
                 )
             self.tokenizer = AutoTokenizer.from_pretrained(check_model_source(self.model_name_or_path))
+            check_eos(self.tokenizer, self.model_name_or_path)
         if stage == "fit" and not self._train:
             self._train = load_prompts(self.train_cfg)
         if self.val_cfg is not None and not self._val:
             self._val = load_prompts(self.val_cfg)
+        if self.engine is None:
+            self._check_prompt_lengths()
         if self.reward_fn is None:
             self.reward_fn = RewardFunction(self.reward_cfg)
         if self.engine is None:
             self.engine = build_engine(
                 self.engine_cfg.name, self.model_name_or_path, self.tokenizer, self.engine_cfg.options
+            )
+
+    def _check_prompt_lengths(self) -> None:
+        """vLLM serves at most ``max_model_len`` tokens: measure the prompts before its (slow) start."""
+        if self.engine_cfg.name != "vllm":
+            return
+        limit = self.engine_cfg.options.get("max_model_len") or context_length(self.model_name_or_path)
+        if limit:
+            check_prompt_lengths(
+                self._train + self._val, self.tokenizer, int(limit), "data.engine.options.max_model_len"
             )
 
     def teardown(self, stage: str) -> None:
@@ -325,7 +353,7 @@ class DAPODataModule(L.LightningDataModule):
     def _prompt_ids(self, record: PromptRecord) -> list[int]:
         ids = render_prompt(record, self.tokenizer)
         if not ids:
-            raise ValueError(f"{record.where}: the prompt is empty after tokenization")
+            raise DataError(f"{record.where}: the prompt is empty after tokenization")
         return ids
 
     def next_rollout_batch(self) -> RolloutBatch:
@@ -399,7 +427,7 @@ def check_shardable(prompts_per_step: int, gen_batch_prompts: int | None, world_
         ("dynamic_sampling.gen_batch_prompts", gen_batch_prompts),
     ):
         if value is not None and value % world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"data.{name}={value} counts groups over all data-parallel ranks and must be a multiple of the "
                 f"{world_size} ranks (each rank generates {name} / world_size of them)"
             )

@@ -32,6 +32,7 @@ from dapo_pl.batch import MicroBatch, RolloutBatch, padding_micro_batch
 from dapo_pl.checkpoint import restore_rng_states, rng_states
 from dapo_pl.data import check_model_source
 from dapo_pl.distributed import DataParallel, full_state_dict, is_sharded, mark_synced_generation
+from dapo_pl.errors import ConfigError
 from dapo_pl.head import DEFAULT_CHUNK_TOKENS
 from dapo_pl.objective import AGGREGATIONS, check_correction_args, token_mean_denominator
 from dapo_pl.update import (
@@ -578,12 +579,12 @@ def check_mini_batch(batch_size: int, mini_batch_size: int, world_size: int = 1)
     """A rollout batch of ``batch_size`` responses must split into whole mini-batches, each split evenly over
     ``world_size`` data-parallel ranks."""
     if batch_size % mini_batch_size:
-        raise ValueError(
+        raise ConfigError(
             f"model.algorithm.mini_batch_size={mini_batch_size} does not divide the rollout batch of {batch_size} "
             f"responses (data.prompts_per_step x data.rollout.n); choose a divisor of {batch_size}"
         )
     if mini_batch_size % world_size:
-        raise ValueError(
+        raise ConfigError(
             f"model.algorithm.mini_batch_size={mini_batch_size} (responses per optimizer step over all ranks) is "
             f"not a multiple of the {world_size} data-parallel ranks; each rank takes mini_batch_size / world_size"
         )

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import pluggy
 
 from dapo_pl import hookspecs
+from dapo_pl.errors import DapoUserError
 
 PLUGINS_ENV = "DAPO_PL_PLUGINS"
 DEFAULT_TIMEOUT_S = 300.0  # seconds per verifier call (one batch); data.reward.timeout_s
@@ -76,7 +77,7 @@ class VerifierInfo:
     plugin: str
 
 
-class VerifierError(RuntimeError):
+class VerifierError(DapoUserError, RuntimeError):
     """A verifier is unknown, misconfigured, or returned output that breaks the contract."""
 
 

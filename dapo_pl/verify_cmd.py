@@ -10,13 +10,18 @@ line back, in order, with ``reward`` (float, summed over the verifiers), ``corre
 ``correct`` and ``extracted``; the others only add shaping rewards. Lines go through the verifiers in batches,
 the same batched, parallel path the trainer uses, so a slow line costs at most the verifier's own time limit.
 
-A bad input line (not JSON, not an object, no text ``response``) does not stop the run and loses nothing: it is
-written through with ``reward`` 0.0, ``correct`` null and ``error`` naming the file, the line number and the
-problem (a line that is not JSON is kept as text under ``_raw``), and it is counted in the summary.
-A verifier that raises or exceeds ``--timeout-s`` on a batch does not stop the run either: that batch's lines
-count as wrong (``correct`` false from the first verifier) with ``error`` naming the verifier and its plugin.
+Any bytes are accepted and nothing is lost: input line i gives output line i. A line that cannot be scored (not
+UTF-8, not JSON, not an object, a lone surrogate escape such as ``"\\ud800"``, no text ``response``, a field of
+the wrong type such as a non-numeric ``response_length``, or a blank line) is written through with ``reward``
+0.0, ``correct`` null and ``error`` naming the file, the line number and the problem (a line that is not a JSON
+object is kept as text under ``_raw``). A verifier that raises or exceeds ``--timeout-s`` on a batch does not stop the
+run either: that batch's lines count as wrong (``correct`` false from the first verifier) with ``error`` naming
+the verifier and its plugin. The summary counts both kinds.
+
+``--output`` is written to a temporary file in the same folder and renamed over OUT at the end, so an interrupted
+run never leaves a half-written OUT; an ``--output`` that is the ``--input`` file (also through a link) is refused.
 Exit status: 0 when every line was written (bad lines included), 2 for a usage error (unknown verifier, bad
-options), 1 when a file cannot be read or written.
+options, output = input), 1 when a file cannot be read or written.
 """
 
 from __future__ import annotations
@@ -24,11 +29,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import stat
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -136,18 +144,21 @@ class _Summary:
     judged: int = 0
     correct: int = 0
     reward: float = 0.0
+    verifier_errors: int = 0
     errors: Counter[str] = field(default_factory=Counter)
 
     def add(self, line: _Line, out: dict[str, Any]) -> None:
         self.lines += 1
         if line.sample is None:
             self.bad += 1
+            self.errors[_kind(line.error or "")] += 1
             return
         if out["correct"] is not None:
             self.judged += 1
             self.correct += bool(out["correct"])
         self.reward += out["reward"]
         if out["error"]:
+            self.verifier_errors += 1
             self.errors[out["error"].split(":")[0][:60]] += 1
 
     def text(self, seconds: float) -> str:
@@ -158,19 +169,71 @@ class _Summary:
             f"verified {self.lines} lines in {seconds:.2f} s ({rate})",
             f"  correct {self.correct} / judged {self.judged} (accuracy {acc}); "
             f"mean reward {self.reward / scored if scored else 0.0:.4f}",
-            f"  bad input lines: {self.bad}; lines with an error: {sum(self.errors.values())}",
+            f"  lines with an error: {self.bad + self.verifier_errors} (bad input lines: {self.bad}; "
+            f"lines a verifier could not judge: {self.verifier_errors})",
         ]
         parts += [f"    {n:6d}  {kind}" for kind, n in self.errors.most_common(8)]
         return "\n".join(parts)
 
 
-def _parse_line(text: str, where: str) -> _Line:
+def _kind(error: str) -> str:
+    """The kind of a bad-line error, without its ``file:line:`` prefix and details."""
+    return re.sub(r"^.*?:\d+: ", "", error).split(" (")[0][:60]
+
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "prompt": (str,),
+    "response_length": (int,),
+    "max_response_length": (int,),
+    "truncated": (bool,),
+}
+
+
+def _field_problem(obj: dict[str, Any]) -> str | None:
+    """What is wrong with the optional sample fields of ``obj`` (None: nothing)."""
+    for name, types in _FIELD_TYPES.items():
+        value = obj.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            want = " or ".join(
+                "an integer" if t is int else "a string" if t is str else "true/false" for t in types
+            )
+            return f"field {name!r} must be {want} (or null), not {json.dumps(value)[:40]}"
+        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            return f"field {name!r} must be >= 0, not {value}"
+    return None
+
+
+def _object(text: str, where: str) -> tuple[Any, str | None]:
+    """The JSON value of one line, or the error that says why there is none."""
+    if not text.strip():
+        return None, f"{where}: blank line"
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
+        return None, f"{where}: not valid JSON ({exc.msg} at column {exc.colno})"
+    except RecursionError:
+        return None, f"{where}: not valid JSON (nested too deeply)"
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = f"\\u{ord(exc.object[exc.start]):04x}"
+        return None, f"{where}: contains a lone surrogate escape {bad}, which is not valid Unicode"
+    return obj, None
+
+
+def _parse_line(raw: bytes, where: str) -> _Line:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        kept = raw.decode("utf-8", errors="backslashreplace").rstrip("\r\n")
         return _Line(
-            {"_raw": text.rstrip("\n")}, None, f"{where}: not valid JSON ({exc.msg} at column {exc.colno})"
+            {"_raw": kept}, None, f"{where}: not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
         )
+    obj, error = _object(text, where)
+    if error is not None:
+        return _Line({"_raw": text.rstrip("\r\n")}, None, error)
     if not isinstance(obj, dict):
         return _Line({"_raw": obj}, None, f"{where}: expected a JSON object, got {type(obj).__name__}")
     response = obj.get("response")
@@ -182,18 +245,18 @@ def _parse_line(text: str, where: str) -> _Line:
         return _Line(
             obj, None, f"{where}: field 'reference' must be text or a number, not {type(reference).__name__}"
         )
+    problem = _field_problem(obj)
+    if problem is not None:
+        return _Line(obj, None, f"{where}: {problem}")
     extra = {k: obj[k] for k in _SAMPLE_FIELDS if obj.get(k) is not None}
-    try:
-        sample = Sample(response, None if reference is None else str(reference), **extra, metadata=obj)
-    except TypeError as exc:
-        return _Line(obj, None, f"{where}: {exc}")
+    sample = Sample(response, None if reference is None else str(reference), **extra, metadata=obj)
     return _Line(obj, sample)
 
 
-def _read(stream: IO[str], name: str) -> Iterator[_Line]:
-    for number, text in enumerate(stream, start=1):
-        if text.strip():
-            yield _parse_line(text, f"{name}:{number}")
+def _read(stream: IO[bytes], name: str) -> Iterator[_Line]:
+    """One :class:`_Line` per input line (split on ``\\n`` only, as ``wc -l`` counts), blank lines included."""
+    for number, raw in enumerate(stream, start=1):
+        yield _parse_line(raw, f"{name}:{number}")
 
 
 def _combine(verdicts: Sequence[Verdict]) -> dict[str, Any]:
@@ -265,10 +328,24 @@ def _build(args: argparse.Namespace) -> list[Any]:
     return [build_verifier(name, options.get(name), timeout_s=timeout) for name in args.verifier]
 
 
+def _same_file(input_path: str, output_path: str) -> bool:
+    """Whether OUT is IN itself (the same file also through a symlink or a hard link)."""
+    if "-" in (input_path, output_path) or not os.path.exists(output_path) or not os.path.exists(input_path):
+        return False
+    return os.path.samefile(input_path, output_path)
+
+
 def run_verify(args: argparse.Namespace) -> int:
     """Score ``args.input`` into ``args.output``; returns the exit status."""
     if args.batch_size < 1:
         print("error: --batch-size must be >= 1", file=sys.stderr)
+        return 2
+    if _same_file(args.input, args.output):
+        print(
+            f"error: --output {args.output} is the input file {args.input}: writing it would destroy the input; "
+            "choose another output path",
+            file=sys.stderr,
+        )
         return 2
     try:
         verifiers = _build(args)
@@ -287,6 +364,45 @@ def run_verify(args: argparse.Namespace) -> int:
                 close()
 
 
+@contextmanager
+def _replaced_atomically(path: str) -> Iterator[IO[bytes]]:
+    """A binary stream to a temporary file beside ``path`` (its link target, if it is a symlink), renamed over
+    it once the block succeeds: an interrupted run leaves ``path`` as it was (and no temporary file when it
+    could clean up)."""
+    target = os.path.realpath(path)
+    folder, name = os.path.split(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder or ".")
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            yield stream
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(tmp, _mode_for(target))
+        os.replace(tmp, target)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _mode_for(target: str) -> int:
+    """Permissions for a new OUT: those of the file it replaces, else what ``open`` would give (umask)."""
+    with suppress(FileNotFoundError):
+        return stat.S_IMODE(os.stat(target).st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _encode(record: dict[str, Any]) -> bytes:
+    try:
+        return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    except (
+        UnicodeEncodeError
+    ):  # a surrogate that came back from a verifier: escape it rather than lose the line
+        return (json.dumps(record) + "\n").encode("ascii")
+
+
 def _verify_files(args: argparse.Namespace, verifiers: list[Any]) -> int:
     from tqdm import tqdm
 
@@ -294,15 +410,11 @@ def _verify_files(args: argparse.Namespace, verifiers: list[Any]) -> int:
     summary = _Summary()
     total = _count_lines(args.input)
     with ExitStack() as stack:
-        src = (
-            sys.stdin
-            if args.input == "-"
-            else stack.enter_context(open(args.input, encoding="utf-8", errors="replace"))
-        )
+        src = sys.stdin.buffer if args.input == "-" else stack.enter_context(open(args.input, "rb"))
         dst = (
-            sys.stdout
+            sys.stdout.buffer
             if args.output == "-"
-            else stack.enter_context(open(args.output, "w", encoding="utf-8"))
+            else stack.enter_context(_replaced_atomically(args.output))
         )
         bar = stack.enter_context(
             tqdm(
@@ -315,8 +427,7 @@ def _verify_files(args: argparse.Namespace, verifiers: list[Any]) -> int:
         name = "<stdin>" if args.input == "-" else args.input
         for batch in _batches(_read(src, name), args.batch_size):
             for line, out in zip(batch, _score(batch, verifiers), strict=True):
-                record = {**line.record, **out}
-                dst.write(json.dumps(record, ensure_ascii=False) + "\n")
+                dst.write(_encode({**line.record, **out}))
                 summary.add(line, out)
             bar.update(len(batch))
     print(summary.text(time.perf_counter() - start), file=sys.stderr)
