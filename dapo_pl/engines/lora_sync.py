@@ -8,7 +8,7 @@
   adapter folder (``save_pretrained``, a RAM disk when there is one) and loads it under a new adapter id (a new
   ``LoRARequest`` per version; the previous one is removed), and every generate call names it. Only the adapter
   travels, but every generated token pays for the extra low-rank matmuls.
-Measured on the CPU machines: ``docs/rollout-engines.md`` ("LoRA"). The known failure of both is silent (the engine
+Measured on the CPU machines: README.md ("LoRA"), ``tools/bench_lora_sync.py``. The known failure of both is silent (the engine
 keeps sampling the base model: verl #7495, TRL #5312); ``rollout/logprob_abs_diff_mean`` shows it, and
 ``tests/dapo_pl/test_lora.py`` fails on it.
 """

@@ -34,6 +34,7 @@ from dapo_pl.datamodule import DAPODataModule, DynamicSamplingConfig, EngineConf
 from dapo_pl.engines import SamplingConfig
 from dapo_pl.lora import AdapterDisabled, LoRAConfig, apply_lora, merged_named_tensors
 from dapo_pl.module import AlgorithmConfig, DAPOModule, OptimConfig
+from dapo_pl.rewards import RewardConfig, VerifierSpec
 
 SYNCED = 1e-4  # the issue's bound for a float32 engine and trainer (in practice ~3e-7)
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -181,11 +182,14 @@ def _fit(
     dtype: str = "float32", devices: int = 1, callbacks: tuple[Callback, ...] = (),
 ) -> tuple[DAPOModule, DAPODataModule, GapRecord]:  # fmt: skip
     """A short LoRA fit on the quickstart's model: 8 prompts x 4 responses per step, one optimizer step each,
-    no carry-over (every step's groups are fresh, so every step has engine log-probs to compare)."""
+    no carry-over (every step's groups are fresh, so every step has engine log-probs to compare). The overlong
+    shaping over most of the 12 tokens makes rewards differ within a group even when every answer is wrong (the
+    barely warm-started test model), so every step has a gradient without dynamic sampling."""
     dm = DAPODataModule(
         train=PromptDataConfig(str(qs / "data" / "train.jsonl")), model_name_or_path=str(qs / "model"),
         prompts_per_step=8, rollout=SamplingConfig(n=4, max_new_tokens=12, seed=3),
         dynamic_sampling=DynamicSamplingConfig(enabled=False, carry_over=False), engine=EngineConfig(engine_name),
+        reward=RewardConfig(shaping=[VerifierSpec("overlong", {"cache_len": 10})]),
     )  # fmt: skip
     if engine is not None:
         dm.engine = engine
@@ -208,7 +212,8 @@ def _fit(
         max_epochs=-1, logger=False, enable_checkpointing=bool(ckpt_every), enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, callbacks=list(callbacks), default_root_dir=str(out),
     )  # fmt: skip
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    # weights_only=False: the hyper-parameters in a checkpoint are our config dataclasses.
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=False if ckpt_path else None)
     return module, dm, record
 
 
@@ -366,3 +371,21 @@ def test_vllm_follows_the_lora_policy_with_adapter_sync(quickstart_dir: Path, tm
     finally:
         engine.close()
     assert len(synced.gaps) == 4 and all(g is not None and g <= SYNCED for g in synced.gaps), synced.gaps
+
+
+def test_the_lora_quickstart_overlay_turns_lora_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dapo-pl fit --config configs/quickstart.yaml --config configs/lora_quickstart.yaml` builds a LoRA fit."""
+    from dapo_pl.cli import run_lightning
+
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(tmp_path)
+    stack = [
+        "--config",
+        str(repo / "configs" / "quickstart.yaml"),
+        "--config",
+        str(repo / "configs" / "lora_quickstart.yaml"),
+    ]
+    cli = run_lightning(stack, run=False)
+    assert cli.model.peft == LoRAConfig(r=16, alpha=32.0, dropout=0.0, target_modules=("all-linear",))
+    assert cli.model.optim_cfg.lr == 1e-3 and cli.model.export_dir == "artifacts/quickstart/trained_lora"
+    assert cli.model.algo.mini_batch_size == 128  # the rest is the quickstart's
