@@ -138,6 +138,15 @@ class AdapterDisabled(nn.Module):
         with self.policy.disable_adapter():  # type: ignore[operator]
             yield self.policy
 
+    @property
+    def config(self) -> Any:
+        return self.policy.config
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        """The policy's LM head (shared): the chunked head of :func:`dapo_pl.update.score_tokens` swaps its
+        forward for the duration of one call of this module, as for the policy itself."""
+        return self.policy.get_output_embeddings()  # type: ignore[operator, no-any-return]
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with self.active() as model:
             return model(*args, **kwargs)

@@ -123,6 +123,32 @@ def test_bad_settings_are_named() -> None:
         apply_lora(_tiny(), LoRAConfig(target_modules=("embed_tokens",)))
 
 
+def test_the_chunked_head_scores_a_lora_policy_and_its_reference(recwarn: pytest.WarningsRecorder) -> None:
+    """``update.score_tokens`` finds the LM head through the PeftModel and through :class:`AdapterDisabled`
+    (no fallback warning) and gives the full-logits log-probs of the adapted policy and of the base (1e-10)."""
+    from dapo_pl.batch import RolloutBatch
+    from dapo_pl.objective import logprobs_from_logits
+    from dapo_pl.update import cut_batch, score_tokens
+
+    base = _tiny()
+    policy = apply_lora(copy.deepcopy(base), LoRAConfig(r=4, alpha=8.0))
+    _randomize_adapters(policy, std=0.2)
+    gen = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(2, 40, (n,), generator=gen) for n in (9, 12, 7)]
+    batch = RolloutBatch(seqs, [3, 4, 2], torch.ones(3), torch.zeros(3, dtype=torch.bool), [None] * 3, 0.7)
+    ((mb,),) = cut_batch(batch, mini_batch_size=3, max_tokens=10_000, pad_id=0, overlong_filtering=False)
+    mask = mb.response_mask != 0  # [b, L-1]
+    for model, want_model in ((policy, policy), (AdapterDisabled(policy), base)):
+        with torch.no_grad():
+            lp, _ = score_tokens(model, mb, temperature=0.7, chunk_tokens=4)  # [b, L-1]
+            logits = want_model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]
+            want = logprobs_from_logits(logits, mb.input_ids[:, 1:], 0.7)  # [b, L-1]
+        torch.testing.assert_close(lp[mask], want[mask], rtol=0, atol=1e-10)
+    assert not [
+        w for w in recwarn if "plain nn.Linear" in str(w.message)
+    ]  # the chunked path, not the fallback
+
+
 # ---- the module: what is trained and what the KL reference is -----------------------------------------------
 def _module(model_dir: Path, **kwargs: Any) -> DAPOModule:
     kwargs.setdefault("peft", LoRAConfig(r=4, alpha=8.0))
@@ -367,7 +393,7 @@ def test_vllm_follows_the_lora_policy_with_adapter_sync(quickstart_dir: Path, tm
     try:
         _, _, synced = _fit(quickstart_dir, tmp_path, steps=4, engine=engine, engine_name="vllm")
         assert engine._adapters is not None and engine._adapters.version == 4  # one version per update
-        assert engine.llm.llm_engine.list_loras() == {4}  # the old versions were removed
+        assert set(engine.llm.llm_engine.list_loras()) == {4}  # the old versions were removed
     finally:
         engine.close()
     assert len(synced.gaps) == 4 and all(g is not None and g <= SYNCED for g in synced.gaps), synced.gaps
