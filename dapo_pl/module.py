@@ -34,6 +34,14 @@ from dapo_pl.data import check_model_source
 from dapo_pl.distributed import DataParallel, full_state_dict, is_sharded, mark_synced_generation
 from dapo_pl.errors import ConfigError
 from dapo_pl.head import DEFAULT_CHUNK_TOKENS
+from dapo_pl.lora import (
+    AdapterDisabled,
+    LoRAConfig,
+    apply_lora,
+    complete_state,
+    export_policy,
+    trainable_state,
+)
 from dapo_pl.objective import AGGREGATIONS, check_correction_args, token_mean_denominator
 from dapo_pl.update import (
     ScoreStats,
@@ -215,7 +223,10 @@ class DAPOModule(L.LightningModule):
         dtype: parameter dtype of the policy (``float32``, ``bfloat16``, ``float16``; ``float64`` for exact
             comparisons in tests, under any strategy, where Lightning's ``precision="64-true"`` is not available).
         gradient_checkpointing: trade compute for activation memory.
-        export_dir: if set, the trained policy and tokenizer are saved there (``save_pretrained``) when fit ends.
+        export_dir: if set, the trained policy and tokenizer are saved there (``save_pretrained``) when fit ends
+            (with ``peft``: an adapter folder, or a merged model with ``peft.export_merged``).
+        peft: train LoRA adapters (``peft``) on a frozen base instead of all weights (None: full fine-tuning).
+            Checkpoints then hold the adapters only; the KL reference is the base with adapters disabled.
     """
 
     def __init__(
@@ -226,6 +237,7 @@ class DAPOModule(L.LightningModule):
         dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32",
         gradient_checkpointing: bool = False,
         export_dir: str | None = None,
+        peft: LoRAConfig | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -235,6 +247,7 @@ class DAPOModule(L.LightningModule):
         self.dtype_name = dtype
         self.gradient_checkpointing = gradient_checkpointing
         self.export_dir = export_dir
+        self.peft = peft
         self.policy: torch.nn.Module | None = None
         self.ref_policy: torch.nn.Module | None = None
         self.pad_id = 0
@@ -259,7 +272,13 @@ class DAPOModule(L.LightningModule):
         self.pad_id = int(
             config.pad_token_id if config.pad_token_id is not None else (config.eos_token_id or 0)
         )
-        if self.algo.kl_coef > 0:
+        if self.peft is not None:
+            self.policy = apply_lora(
+                self.policy, self.peft, gradient_checkpointing=self.gradient_checkpointing
+            )
+            if self.algo.kl_coef > 0:
+                self.ref_policy = AdapterDisabled(self.policy)  # the base itself, not a second copy
+        elif self.algo.kl_coef > 0:
             self.ref_policy = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
             self.ref_policy.requires_grad_(False).train(False)
         mesh = self.device_mesh  # set by ModelParallelStrategy (FSDP2), else None
@@ -277,7 +296,7 @@ class DAPOModule(L.LightningModule):
             mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
         )
         for model in (self.policy, self.ref_policy):
-            if model is None or is_sharded(model):
+            if model is None or isinstance(model, AdapterDisabled) or is_sharded(model):
                 continue
             layer_names = set(getattr(model, "_no_split_modules", None) or [])
             for module in model.modules():
@@ -543,8 +562,14 @@ class DAPOModule(L.LightningModule):
             "skipped_steps": self.skipped_steps,
             "skipped_in_a_row": self.skipped_in_a_row,
         }
+        if self.peft is not None and self.policy is not None and "state_dict" in checkpoint:
+            checkpoint["state_dict"] = trainable_state(
+                checkpoint["state_dict"], self.policy, prefix="policy."
+            )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.peft is not None and "state_dict" in checkpoint:  # adapters only: the base is loaded already
+            checkpoint["state_dict"] = complete_state(checkpoint["state_dict"], self.state_dict())
         state = checkpoint.get("dapo_pl", {})
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
@@ -565,14 +590,18 @@ class DAPOModule(L.LightningModule):
         if wrapped is not None and self.trainer.world_size > 1 and is_sharded(wrapped):
             # Collective: every rank helps gather the shards; rank 0 receives the full weights.
             state = full_state_dict(wrapped, prefix="policy.")
-        if self.trainer.is_global_zero:
+        if not self.trainer.is_global_zero:
+            return
+        if self.peft is not None:  # an adapter folder, or the base with the adapters folded in
+            export_policy(self.policy, self.export_dir, merged=self.peft.export_merged)
+        else:
             self.policy.save_pretrained(
                 self.export_dir, **({"state_dict": state} if state is not None else {})
             )
-            tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(self.export_dir)
-            self.print(f"[dapo-pl] policy exported to {self.export_dir}")
+        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(self.export_dir)
+        self.print(f"[dapo-pl] policy exported to {self.export_dir}")
 
 
 def check_mini_batch(batch_size: int, mini_batch_size: int, world_size: int = 1) -> None:

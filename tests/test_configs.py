@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,20 @@ from dapo_pl.cli import main, run_lightning
 from dapo_pl.datamodule import DAPODataModule
 from dapo_pl.module import DAPOModule
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+
+
+def _stack(path: Path) -> list[Path]:
+    """The configs the header's ``dapo-pl fit`` command stacks when ``path`` is an overlay (e.g.
+    ``--config configs/quickstart.yaml --config configs/lora_quickstart.yaml``), else ``[path]``."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        stacked = re.findall(r"--config\s+(\S+)", line)
+        if "dapo-pl fit" in line and len(stacked) > 1 and path == REPO / stacked[-1]:
+            return [REPO / p for p in stacked]
+    return [path]
 
 
 def test_there_are_configs() -> None:
@@ -20,7 +34,7 @@ def test_there_are_configs() -> None:
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
 def test_config_builds_through_the_cli(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    cli = run_lightning(["--config", str(path)], run=False)
+    cli = run_lightning([arg for p in _stack(path) for arg in ("--config", str(p))], run=False)
     assert isinstance(cli.model, DAPOModule) and isinstance(cli.datamodule, DAPODataModule)
     assert cli.datamodule.model_name_or_path == cli.model.model_name_or_path  # linked, written once
     assert cli.trainer.max_steps > 0

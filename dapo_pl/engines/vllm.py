@@ -40,7 +40,9 @@ import torch
 from torch import Tensor, nn
 
 from dapo_pl.engines.base import Completion, SamplingConfig
+from dapo_pl.engines.lora_sync import adapter_llm_kwargs, engine_param_meta, make_adapter_sync, uses_adapter
 from dapo_pl.engines.watchdog import EngineWatchdog, guarded
+from dapo_pl.lora import is_peft_model, merged_named_tensors
 
 SyncMethod = Literal["auto", "rpc", "file", "direct", "ipc"]
 SYNC_METHODS = ("auto", "rpc", "file", "direct", "ipc")
@@ -86,6 +88,10 @@ class VLLMEngine:
         return_logprobs: return the engine's log-probs of the sampled tokens (for ``rollout/logprob_abs_diff_mean``).
         max_num_seqs: most sequences vLLM decodes at once (None: vLLM's default).
         seed: the engine's own seed (requests carry their own seeds; this covers anything unseeded).
+        lora_sync: how a LoRA policy (``model.peft``) reaches the engine: ``merged`` (``W + s * B @ A`` pushed
+            under the base names by the weight sync above) or ``adapter`` (vLLM's ``enable_lora``: the adapter
+            loaded under a new id after every update). See :mod:`dapo_pl.engines.lora_sync`.
+        max_lora_rank: the largest adapter rank the ``adapter`` mode accepts (vLLM: 8, 16, 32, 64, ...).
         llm_kwargs: any other ``vllm.LLM`` / ``EngineArgs`` keyword (e.g. ``enable_prefix_caching``,
             ``max_num_batched_tokens``); they override the values above.
     """
@@ -109,6 +115,8 @@ class VLLMEngine:
         return_logprobs: bool = True,
         max_num_seqs: int | None = None,
         seed: int = 0,
+        lora_sync: str = "merged",
+        max_lora_rank: int = 16,
         llm_kwargs: dict[str, Any] | None = None,
     ) -> None:
         from vllm.platforms import current_platform
@@ -157,11 +165,17 @@ class VLLMEngine:
             kwargs["max_num_seqs"] = max_num_seqs
         if self.sync_method == "ipc":
             kwargs["weight_transfer_config"] = {"backend": "ipc"}
+        kwargs.update(
+            adapter_llm_kwargs(
+                lora_sync, max_lora_rank, sleep_level=sleep_level if enable_sleep_mode else None
+            )
+        )
         kwargs.update(llm_kwargs or {})
         t0 = time.perf_counter()
         self.llm = _start_llm(kwargs, in_process=in_process, ipc=self.sync_method == "ipc")
         self.startup_s = time.perf_counter() - t0
         self.watchdog = EngineWatchdog(self.llm)  # a dead engine process: a clear error, never a hang
+        self._adapters = make_adapter_sync(self.llm, lora_sync, max_lora_rank)
         self.max_model_len = int(self.llm.model_config.max_model_len)
         self.dtype: torch.dtype = self.llm.model_config.dtype
         self.last_sync_s = 0.0
@@ -209,7 +223,9 @@ class VLLMEngine:
         named = [(n, t) for n, t in named_tensors(model) if names is None or n in names]
         partial = names is not None
         with torch.no_grad():
-            if self.sync_method == "ipc":
+            if uses_adapter(self._adapters, model):  # vLLM's LoRA: the base stays, the adapter is reloaded
+                self._adapters.push(model)  # type: ignore[union-attr]
+            elif self.sync_method == "ipc":
                 self._push_ipc(model)
             elif self.sync_method == "direct":
                 self.llm.collective_rpc("dapo_pl_reload", kwargs={"weights": named, "partial": partial})
@@ -252,7 +268,8 @@ class VLLMEngine:
         # Children of a request get seeds seed..seed+n-1 inside vLLM, hence the margin.
         sampling = [self._sampling_params(params, rng.randrange(2**31 - params.n)) for _ in prompts]
         requests: list[Any] = [{"prompt_token_ids": list(p)} for p in prompts]
-        outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+        lora = {"lora_request": self._adapters.request} if self._adapters is not None else {}
+        outputs = self.llm.generate(requests, sampling, use_tqdm=False, **lora)
         result = [
             [self._completion(c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs
         ]
@@ -330,6 +347,8 @@ class VLLMEngine:
         if self.__dict__.get("watchdog") is not None:
             self.watchdog.stop()
         self._model = self._ipc_module = self._ipc_sender = None
+        if self._adapters is not None:
+            self._adapters.close()
         core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
         if core is not None:
             core.shutdown()
@@ -371,8 +390,12 @@ def named_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """The policy's parameters under their checkpoint names, each tied parameter under every name it has.
 
     vLLM 0.32's layer-wise reload keeps a tied ``lm_head`` at its old values unless ``lm_head.weight`` is sent
-    too (it logs "ParallelLMHead: Failed to load weights"). FSDP shards (DTensors) are gathered.
+    too (it logs "ParallelLMHead: Failed to load weights"). FSDP shards (DTensors) are gathered. A LoRA policy
+    (``PeftModel``) is sent as its base names with the adapters folded in (:func:`dapo_pl.lora.merged_named_tensors`).
     """
+    if is_peft_model(model):
+        yield from merged_named_tensors(model)
+        return
     for name, param in model.named_parameters(remove_duplicate=False):
         tensor = param.detach()
         full_tensor = getattr(tensor, "full_tensor", None)
@@ -503,8 +526,7 @@ def _ipc_sender(llm: Any, model: nn.Module) -> Any:
 
     class PolicySource(WeightSource):
         def metadata(self) -> list[ParamMeta]:
-            params = model.named_parameters(remove_duplicate=False)
-            return [ParamMeta(name.replace("_orig_mod.", ""), p.dtype, tuple(p.shape)) for name, p in params]
+            return [ParamMeta(name, dtype, shape) for name, dtype, shape in engine_param_meta(model)]
 
         def __iter__(self) -> Iterator[tuple[str, Tensor]]:
             return named_tensors(model)
