@@ -2,9 +2,9 @@
 
 What it does
     1. Writes ``OUT/data/train.jsonl`` (3000 problems) and ``OUT/data/val.jsonl`` (128 held-out problems, disjoint
-       from train), rows ``{"prompt": "57+6+31=", "answer": "94"}``: 2 to 4 operands of 1 or 2 digits each.
-       The worked solution adds one operand per step, ``"57+6=63;63+31=94;Answer: 94"`` + EOS: 1 to 3 steps,
-       so its length grows with the number of operands and digits (12 to 44 tokens).
+       from train), rows ``{"prompt": "7+5+9=", "answer": "21"}``: 2 to 5 one-digit operands.
+       The worked solution adds one operand per step, ``"7+5=12;12+9=21;Answer: 21"`` + EOS: 1 to 4 steps, so
+       its length grows with the number of operands and the size of the running sum (15 to 42 tokens).
     2. Writes ``OUT/model/``: the quickstart's byte-level tokenizer and 4-layer ``Qwen2ForCausalLM`` (0.8M
        parameters; :mod:`make_quickstart`).
     3. Warm-starts it with supervised training on the worked solutions (loss on response tokens only): a clean
@@ -17,9 +17,10 @@ What it does
 
 Why this task
     The quickstart's answers are at most 12 tokens under a 16-token cap, so overlong filtering and soft overlong
-    punishment have nothing to act on, and its groups are mostly mixed. Here the cap (``--max-new-tokens``, 40 by
-    default, overlong zone the last 8 tokens) cuts a share of the sampled responses at the start, and 2-operand
-    problems are mostly all right while 4-operand ones are often all wrong.
+    punishment have nothing to act on. Here the cap (``--max-new-tokens``, 44 by default: every clean solution
+    fits, a solution with repeated steps may not) cut 18.6% of the sampled responses of the default build at the
+    start, and 55.5% of the val prompts had all 4 samples wrong, 3.1% all 4 right (greedy accuracy 0.555, sampled
+    at T=1 0.219).
 
 How to run
     python tools/make_chain_task.py --out artifacts/chain [--force] [--sft-steps N] [--seed 0]
@@ -27,8 +28,8 @@ How to run
     Like make_quickstart, a finished build writes ``OUT/BUILD_OK``; the same arguments again only say so.
 
 How long
-    ~2000 warm-start steps of batch 64 (sequences up to ~56 tokens): see the build report's ``build_seconds``
-    (measured in docs/evaluation.md).
+    600 warm-start steps of 32 problems: 416 s measured on the 2 cores under a load average of 12-17 (other jobs
+    running); much less on idle cores.
 
 Departures
     As in make_quickstart, the supervised warm start (and its noise) stands in for a pretrained base model; it is

@@ -98,6 +98,34 @@ def fit_row(path: Path, seed: int, extra: list[str], env: dict[str, str], log_pa
     return seconds
 
 
+def run_fits(
+    rows: list[Path], seeds: list[int], extra: list[str], env: dict[str, str], out: Path, jobs: int
+) -> tuple[dict[str, float], list[float]]:
+    """Every (row, seed) fit, ``jobs`` at a time; returns each fit's seconds and the load average after it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if jobs > 1:
+        env = {**env, "OMP_NUM_THREADS": str(max(1, 2 // jobs))}
+    todo = [(path, seed, f"{path.stem}-s{seed}") for path in rows for seed in seeds]
+    seconds: dict[str, float] = {}
+    loads: list[float] = []
+
+    def one(item: tuple[Path, int, str]) -> None:
+        path, seed, key = item
+        seconds[key] = fit_row(path, seed, extra, env, out / "logs" / f"{key}.log")
+        loads.append(os.getloadavg()[0])
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = [pool.submit(one, item) for item in todo]
+        try:
+            for future in futures:
+                future.result()  # a failed fit (SystemExit) stops the run here
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # the fits already running finish; no new ones
+            raise
+    return seconds, loads
+
+
 def write_summary(
     out: Path, rows: list[Path], seeds: list[int], seconds: dict[str, float], uri: str, table: list[str],
     extra: list[str], loads: list[float],
@@ -144,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (--seed_everything) per row")
     parser.add_argument(
+        "--jobs", type=int, default=1,
+        help="fits at once; with more than 1, each fit's torch gets 2 / jobs threads (OMP_NUM_THREADS), so the "
+        "cores are shared, not oversubscribed (start-up and validation overlap)",
+    )  # fmt: skip
+    parser.add_argument(
         "--out", default="artifacts/ablation_chain", help="logs, comparison and summary go here"
     )
     parser.add_argument(
@@ -167,11 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     seconds: dict[str, float] = {}
     loads: list[float] = []
     if not args.compare_only:
-        for path in rows:
-            for seed in seeds:
-                key = f"{path.stem}-s{seed}"
-                seconds[key] = fit_row(path, seed, extra, env, out / "logs" / f"{key}.log")
-                loads.append(os.getloadavg()[0])
+        import mlflow
+
+        # Create the store and the experiments once, here: fits that start at once would race to create them.
+        client = mlflow.MlflowClient(uri)
+        for experiment in {row_identity(path)[0] for path in rows}:
+            if client.get_experiment_by_name(experiment) is None:
+                client.create_experiment(experiment)
+        seconds, loads = run_fits(rows, seeds, extra, env, out, args.jobs)
 
     import mlflow
 
