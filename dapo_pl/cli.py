@@ -127,6 +127,9 @@ class DAPOCLI(LightningCLI):
         config = self.config[self.subcommand]
         sections = ("model", "data", "trainer", "seed_everything")  # config.items() gives dotted leaf keys
         flat = _flatten({k: v for k, v in config.items() if k.split(".")[0] in sections})
+        resolved = getattr(self.datamodule, "resolved_seeds", None)
+        if callable(resolved):  # the seeds left null in the config, as derived from seed_everything
+            flat.update(resolved())
         run_id = getattr(logger, "run_id", None)
         if run_id and hasattr(logger, "experiment"):  # a resumed run: MLflow refuses to change a logged param
             logged = logger.experiment.get_run(run_id).data.params

@@ -1,6 +1,6 @@
 """``dapo-pl compare``: compare MLflow runs as a table (CSV, Markdown) and PNG plots of metric curves.
 
-    dapo-pl compare RUN_ID_OR_NAME ... [--experiment NAME] [--metrics m1,m2] --out DIR
+    dapo-pl compare RUN_ID_OR_NAME ... [--experiment NAME] [--metrics m1,m2] [--group-by KEY] --out DIR
 
 Each argument is a run id (32 hex digits) or a run name, looked up in ``--experiment`` if given, else in every
 experiment; a name that matches no run or several runs is an error that lists what it found. The tracking URI is
@@ -14,7 +14,11 @@ Written to ``--out``:
 - ``<metric>.png`` (``/`` becomes ``_``) per metric and ``curves.png`` with all of them: each run's curve over
   the logged steps, labelled by run name.
 
-Default metrics: every ``val/acc_avg_at_*`` and ``val/pass_at_*`` the runs logged, then ``train/reward_mean``,
+With ``--group-by KEY`` (a param, ``tag:NAME``, or ``run_name`` without its seed suffix) runs that differ only
+in their seed become groups: mean, std and 95% CI per group, curves with bands (:mod:`dapo_pl.compare_groups`).
+
+Default metrics: every ``val/acc_avg_at_*``, ``val/pass_at_*`` and ``val/maj_at_*`` the runs logged (not their
+``_ci_low`` / ``_ci_high`` bounds), then ``train/reward_mean``,
 ``train/acc``, ``train/entropy``. ``--metrics`` takes names or shell-style patterns (``val/*``).
 """
 
@@ -35,7 +39,8 @@ from typing import Any
 from dapo_pl.tracking import TrackingUnavailable, check_reachable, is_remote, use_short_http_timeouts
 
 DEFAULT_TRAIN_METRICS = ("train/reward_mean", "train/acc", "train/entropy")
-DEFAULT_VAL_PATTERNS = ("val/acc_avg_at_*", "val/pass_at_*")
+DEFAULT_VAL_PATTERNS = ("val/acc_avg_at_*", "val/pass_at_*", "val/maj_at_*")
+_INTERVAL_SUFFIXES = ("_ci_low", "_ci_high")  # bounds of logged intervals: not default metrics of their own
 # "best" is the highest value, except for metrics whose name contains one of these (lower is better).
 LOWER_IS_BETTER = ("loss", "time/", "grad_norm", "logprob_abs_diff", "truncated_frac", "num_gen_batches")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -58,6 +63,7 @@ class RunData:
     params: dict[str, str]
     metric_keys: set[str]
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
 
     @property
     def last_step(self) -> int | None:
@@ -151,7 +157,8 @@ def select_metrics(available: Iterable[str], requested: Sequence[str] | None = N
     """The metrics to compare: ``requested`` names/patterns (in order), or the defaults that exist."""
     available = set(available)
     if not requested:
-        val = [m for p in DEFAULT_VAL_PATTERNS for m in sorted(fnmatch.filter(available, p), key=_k_order)]
+        points = {m for m in available if not m.endswith(_INTERVAL_SUFFIXES)}
+        val = [m for p in DEFAULT_VAL_PATTERNS for m in sorted(fnmatch.filter(points, p), key=_k_order)]
         return val + [m for m in DEFAULT_TRAIN_METRICS if m in available]
     chosen: list[str] = []
     for item in requested:
@@ -213,6 +220,7 @@ def load_runs(client: Any, runs: Sequence[Any], metrics: Sequence[str]) -> list[
             status=run.info.status,
             params=dict(run.data.params),
             metric_keys=set(run.data.metrics),
+            tags=dict(run.data.tags),
         )
         for metric in metrics:
             if metric in data.metric_keys:
@@ -382,6 +390,7 @@ class Comparison:
     metrics: list[str]
     differing: dict[str, dict[str, str | None]]
     files: list[Path]
+    groups: list[Any] = field(default_factory=list)  # compare_groups.Group, with --group-by
 
 
 def compare(
@@ -392,6 +401,7 @@ def compare(
     metrics: Sequence[str] | None = None,
     tracking_uri: str | None = None,
     connect_timeout_s: float = 10.0,
+    group_by: str | None = None,
 ) -> Comparison:
     """Resolve ``refs``, read their params and metric histories, write CSV, Markdown and PNGs under ``out``."""
     import mlflow
@@ -412,6 +422,11 @@ def compare(
     diff = differing_params({r.label: r.params for r in data})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if group_by:
+        from dapo_pl.compare_groups import write_grouped
+
+        groups, files = write_grouped(out, data, chosen, group_by, client.tracking_uri)
+        return Comparison(data, chosen, diff, files, groups)
     files = [out / "comparison.csv", out / "comparison.md"]
     write_csv(files[0], data, chosen, diff)
     write_markdown(files[1], data, chosen, diff, client.tracking_uri)
@@ -441,6 +456,12 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="comma-separated metric names or patterns (default: val/acc_avg_at_*, val/pass_at_*, "
         "train/reward_mean, train/acc, train/entropy)",
     )
+    parser.add_argument(
+        "--group-by",
+        metavar="KEY",
+        help="aggregate runs that differ only in their seed: a param name, tag:NAME, or run_name (the run name "
+        "without a -sN / -seedN suffix); mean, std and 95%% CI per group, curves with bands",
+    )
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument(
         "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or MLflow's)"
@@ -453,8 +474,9 @@ def run_compare(args: argparse.Namespace) -> int:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     try:
         result = compare(
-            args.runs, args.out, experiment=args.experiment, metrics=metrics, tracking_uri=args.tracking_uri
-        )
+            args.runs, args.out, experiment=args.experiment, metrics=metrics, tracking_uri=args.tracking_uri,
+            group_by=args.group_by,
+        )  # fmt: skip
     except (CompareError, TrackingUnavailable) as exc:
         print(f"dapo-pl compare: error: {exc}", file=sys.stderr)
         return 2
@@ -462,7 +484,13 @@ def run_compare(args: argparse.Namespace) -> int:
     print(f"compared {len(result.runs)} runs: {names}")
     print(f"metrics: {', '.join(result.metrics) or 'none'}; params that differ: {len(result.differing)}")
     print()
-    print("\n".join(metrics_table(result.runs, result.metrics)))
+    if result.groups:
+        from dapo_pl.compare_groups import group_table
+
+        print(f"{len(result.groups)} groups by {args.group_by}: mean ± 95% CI over each group's runs")
+        print("\n".join(group_table(result.groups, result.metrics)))
+    else:
+        print("\n".join(metrics_table(result.runs, result.metrics)))
     print()
     for path in result.files:
         print(f"wrote {path}")

@@ -1,5 +1,6 @@
 """Prompt datasets: local jsonl / parquet files, saved ``datasets`` folders, or ``datasets`` hub names.
 
+Loading with presets and de-duplication is :func:`dapo_pl.datasets.load_prompts`, which builds on this module.
 Each row becomes a :class:`PromptRecord` (prompt text after the template, reference answer). Field names may be
 dotted paths into nested rows (DAPO-Math-17k keeps its answer in ``reward_model.ground_truth``). Bad rows fail
 with the file and line (or row) that is wrong; nothing is silently skipped.
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from dapo_pl.errors import DapoUserError, MissingPathError, ModelError
+
+PRESET_NAMES = ("dapo-math-17k", "aime-2024", "math")  # implemented in dapo_pl.datasets.PRESETS
 
 
 class DataError(DapoUserError, ValueError):
@@ -51,10 +54,12 @@ class PromptDataConfig:
     dedupe: bool | None = None
 
     def __post_init__(self) -> None:
-        if self.preset is not None:
-            from dapo_pl.datasets import get_preset  # the presets build on this module
-
-            get_preset(self.preset)  # an unknown name fails when the config is built, not after model loading
+        # An unknown name fails when the config is built, not after model loading. The presets themselves live in
+        # dapo_pl.datasets, which builds on this module (never the other way round).
+        if self.preset is not None and self.preset not in PRESET_NAMES:
+            raise ValueError(
+                f"unknown dataset preset {self.preset!r}; choose one of {', '.join(PRESET_NAMES)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -172,21 +177,6 @@ def _record(where: str, row: Any, cfg: PromptDataConfig) -> PromptRecord:
     else:
         prompt = [dict(m) for m in prompt]
     return PromptRecord(prompt=prompt, reference=str(answer), where=where)
-
-
-def load_prompts(cfg: PromptDataConfig) -> list[PromptRecord]:
-    """Every prompt of ``cfg`` (up to ``cfg.limit``), validated; raises :class:`DataError` naming a bad row.
-
-    Presets and de-duplication live in :mod:`dapo_pl.datasets`; the duplicates removed are reported.
-    """
-    from dapo_pl.datasets import load_with_report  # the presets build on this module
-
-    records, report = load_with_report(cfg)
-    if report.deduped:
-        from lightning.pytorch.utilities import rank_zero_info
-
-        rank_zero_info(report.summary())
-    return records
 
 
 def render_prompt(record: PromptRecord, tokenizer: Any) -> list[int]:

@@ -23,7 +23,7 @@ import random
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import lightning as L
@@ -38,15 +38,17 @@ from dapo_pl.data import (
     check_model_source,
     check_prompt_lengths,
     context_length,
-    load_prompts,
     render_prompt,
 )
+from dapo_pl.datasets import load_prompts
 from dapo_pl.distributed import DataParallel, shard
 from dapo_pl.engines import ENGINES, Completion, RolloutEngine, SamplingConfig, build_engine
 from dapo_pl.errors import ConfigError
+from dapo_pl.evaluation import RIGHT, EvalStatsConfig, vote_matrix
 from dapo_pl.objective import group_advantages
 from dapo_pl.rewards import RewardConfig, RewardFunction
 from dapo_pl.sampling import FillStats, GroupBuffer, fill_batch, group_keep_mask
+from dapo_pl.seeds import global_seed, resolve_seed
 from dapo_pl.verification import Sample
 
 
@@ -132,11 +134,15 @@ class DAPODataModule(L.LightningDataModule):
         rollout: sampling for training (``n`` is the group size G).
         val_rollout: sampling for validation (``n`` is K of avg@K / pass@K).
         val_batch_prompts: validation prompts per generation call (per rank).
+        val_stats: which pass@k / maj@k (k <= ``val_rollout.n``) and bootstrap intervals validation reports
+            (:mod:`dapo_pl.evaluation`).
         reward: which verifiers decide correctness and add shaping.
         dynamic_sampling: DAPO's group filter and refill bound.
         engine: the rollout engine.
         scale_adv_by_std: divide advantages by the group std (GRPO/DAPO); False gives ``r - mean`` (Dr. GRPO).
-        seed: shuffling seed of the prompt stream.
+        seed: shuffling seed of the prompt stream. None (the default) derives it, and ``rollout.seed``,
+            ``val_rollout.seed`` and the vLLM engine's seed when they are None too, from ``seed_everything``
+            (:mod:`dapo_pl.seeds`); explicit values win. The resolved ones are in :meth:`resolved_seeds`.
     """
 
     def __init__(
@@ -148,11 +154,12 @@ class DAPODataModule(L.LightningDataModule):
         rollout: SamplingConfig = SamplingConfig(),
         val_rollout: SamplingConfig = SamplingConfig(n=4),
         val_batch_prompts: int = 64,
+        val_stats: EvalStatsConfig = EvalStatsConfig(),
         reward: RewardConfig = RewardConfig(),
         dynamic_sampling: DynamicSamplingConfig = DynamicSamplingConfig(),
         engine: EngineConfig = EngineConfig(),
         scale_adv_by_std: bool = True,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if prompts_per_step < 1:
@@ -169,10 +176,14 @@ class DAPODataModule(L.LightningDataModule):
         self.prompts_per_step = prompts_per_step
         self.rollout, self.val_rollout = rollout, val_rollout
         self.val_batch_prompts = val_batch_prompts
+        val_stats.ks(val_rollout.n)  # a k above n fails now, naming both
+        self.val_stats = val_stats
         self.reward_cfg, self.ds = reward, dynamic_sampling
         self.engine_cfg = engine
         self.scale_adv_by_std = scale_adv_by_std
-        self.seed = seed
+        self._configured_seeds = (seed, rollout.seed, val_rollout.seed, engine.options.get("seed"))
+        self.seed = 0
+        self._resolve_seeds()
         self.tokenizer: Any = None
         self.engine: RolloutEngine | None = None
         self.reward_fn: RewardFunction | None = None
@@ -188,7 +199,28 @@ class DAPODataModule(L.LightningDataModule):
     def _dp(self) -> DataParallel:
         return DataParallel.of(self.trainer)
 
+    def _resolve_seeds(self) -> None:
+        """Fill every seed left None from the current global seed (again in ``setup``: ``seed_everything`` may
+        have been called after construction)."""
+        data, rollout, val, engine = self._configured_seeds
+        self.seed = resolve_seed(data, "data")
+        self.rollout = replace(self.rollout, seed=resolve_seed(rollout, "rollout"))
+        self.val_rollout = replace(self.val_rollout, seed=resolve_seed(val, "validation"))
+        self.engine_seed = resolve_seed(engine, "engine")
+
+    def resolved_seeds(self) -> dict[str, int]:
+        """The seeds this data module uses, as logged params: ``seeds.global``, ``seeds.data``, ..."""
+        assert self.rollout.seed is not None and self.val_rollout.seed is not None
+        return {
+            "seeds.global": global_seed(),
+            "seeds.data": self.seed,
+            "seeds.rollout": self.rollout.seed,
+            "seeds.validation": self.val_rollout.seed,
+            "seeds.engine": self.engine_seed,
+        }
+
     def setup(self, stage: str) -> None:
+        self._resolve_seeds()
         if stage == "fit":
             check_shardable(self.prompts_per_step, self.ds.gen_batch_prompts, self._dp().size)
         if self.tokenizer is None:
@@ -209,9 +241,10 @@ class DAPODataModule(L.LightningDataModule):
         if self.reward_fn is None:
             self.reward_fn = RewardFunction(self.reward_cfg)
         if self.engine is None:
-            self.engine = build_engine(
-                self.engine_cfg.name, self.model_name_or_path, self.tokenizer, self.engine_cfg.options
-            )
+            options = dict(self.engine_cfg.options)
+            if self.engine_cfg.name == "vllm":  # the transformers engine takes its seed per call only
+                options["seed"] = self.engine_seed
+            self.engine = build_engine(self.engine_cfg.name, self.model_name_or_path, self.tokenizer, options)
 
     def _check_prompt_lengths(self) -> None:
         """vLLM serves at most ``max_model_len`` tokens: measure the prompts before its (slow) start."""
@@ -319,6 +352,7 @@ class DAPODataModule(L.LightningDataModule):
             call, self._gen_calls = self._gen_calls, self._gen_calls + 1
         t0 = time.perf_counter()
         dp = self._dp()  # every rank counts the same calls; each draws its own seed
+        assert params.seed is not None, "seeds are resolved in __init__/setup (dapo_pl.seeds)"
         completions = self.engine.generate(prompt_ids, params, seed=params.seed + call * dp.size + dp.rank)
         t1 = time.perf_counter()
         samples = [
@@ -400,7 +434,12 @@ class DAPODataModule(L.LightningDataModule):
         return batch
 
     def validation_correctness(self, records: list[PromptRecord | None], batch_idx: int = 0) -> torch.Tensor:
-        """Correctness ``[P, K]`` of ``val_rollout.n`` samples for each record, with the current policy.
+        """Correctness ``[P, K]`` of ``val_rollout.n`` samples for each record (see :meth:`validation_votes`)."""
+        return self.validation_votes(records, batch_idx) == RIGHT
+
+    def validation_votes(self, records: list[PromptRecord | None], batch_idx: int = 0) -> torch.Tensor:
+        """Vote labels ``[P, K]`` (:func:`dapo_pl.evaluation.vote_matrix`: 0 = right, -1 = no answer, 1, 2, ...
+        = distinct wrong answers) of ``val_rollout.n`` samples for each record, with the current policy.
 
         Batch ``batch_idx`` of every validation pass draws the same seeds (common random numbers: two passes
         differ by the weights alone), and no training state moves, so a resumed fit validates like an
@@ -416,8 +455,12 @@ class DAPODataModule(L.LightningDataModule):
         groups, _, _ = self.generate_groups(
             [r if r is not None else filler for r in records], self.val_rollout, call=batch_idx
         )
-        correct = [g.correct for g, r in zip(groups, records, strict=True) if r is not None]
-        return torch.tensor(correct, dtype=torch.bool).reshape(len(correct), self.val_rollout.n)
+        real_groups = [g for g, r in zip(groups, records, strict=True) if r is not None]
+        correct = torch.tensor([g.correct for g in real_groups], dtype=torch.bool)
+        votes = vote_matrix(
+            correct.reshape(len(real_groups), self.val_rollout.n), [g.extracted for g in real_groups]
+        )
+        return votes  # [P, K]
 
 
 def check_shardable(prompts_per_step: int, gen_batch_prompts: int | None, world_size: int) -> None:

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from dapo_pl.data import DataError, PromptDataConfig, PromptRecord, _record, iter_rows
+from dapo_pl.data import PRESET_NAMES, DataError, PromptDataConfig, PromptRecord, _record, iter_rows
 
 # The instruction of DAPO-Math-17k's prompts, so that AIME / MATH prompts ask for the answer the same way.
 DAPO_INSTRUCTION = (
@@ -167,6 +167,8 @@ PRESETS: dict[str, Preset] = {
         ),
     )
 }
+if tuple(PRESETS) != PRESET_NAMES:  # data.PromptDataConfig checks names against PRESET_NAMES at build time
+    raise ImportError(f"dapo_pl.data.PRESET_NAMES {PRESET_NAMES} must list the presets {tuple(PRESETS)}")
 
 
 def get_preset(name: str) -> Preset:
@@ -231,3 +233,16 @@ __all__ = [
     "last_boxed",
     "load_with_report",
 ]
+
+
+def load_prompts(cfg: PromptDataConfig) -> list[PromptRecord]:
+    """Every prompt of ``cfg`` (up to ``cfg.limit``), validated; raises :class:`DataError` naming a bad row.
+
+    Presets and de-duplication are applied (:func:`load_with_report`); the duplicates removed are reported.
+    """
+    records, report = load_with_report(cfg)
+    if report.deduped:
+        from lightning.pytorch.utilities import rank_zero_info
+
+        rank_zero_info(report.summary())
+    return records

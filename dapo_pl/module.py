@@ -33,6 +33,7 @@ from dapo_pl.checkpoint import restore_rng_states, rng_states
 from dapo_pl.data import check_model_source
 from dapo_pl.distributed import DataParallel, full_state_dict, is_sharded, mark_synced_generation
 from dapo_pl.errors import ConfigError
+from dapo_pl.evaluation import EvalStatsConfig, evaluation_metrics, gather_prompt_rows, summary_line
 from dapo_pl.head import DEFAULT_CHUNK_TOKENS
 from dapo_pl.lora import (
     AdapterDisabled,
@@ -251,7 +252,7 @@ class DAPOModule(L.LightningModule):
         self.policy: torch.nn.Module | None = None
         self.ref_policy: torch.nn.Module | None = None
         self.pad_id = 0
-        self._val_correct: list[Tensor] = []
+        self._val_votes: list[Tensor] = []
         self.last_rollout_samples: list[dict[str, Any]] = []
         self.skipped_steps, self.skipped_in_a_row = 0, 0
         self._rng_to_restore: dict[str, Any] | None = None
@@ -522,29 +523,26 @@ class DAPOModule(L.LightningModule):
 
     # ---- validation ---------------------------------------------------------------------------------------
     def validation_step(self, batch: list[Any], batch_idx: int) -> None:
-        correct = self.trainer.datamodule.validation_correctness(batch, batch_idx)  # [P, K]
-        self._val_correct.append(correct)
+        votes = self.trainer.datamodule.validation_votes(
+            batch, batch_idx
+        )  # [P, K]: 0 right, -1 none, 1.. wrong
+        self._val_votes.append(votes)
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_correct:  # the same on every rank: the datamodule gives each rank as many batches
+        if not self._val_votes:  # the same on every rank: the datamodule gives each rank as many batches
             return
-        correct = torch.cat(self._val_correct)  # [P, K]
-        self._val_correct = []
         dp = DataParallel.of(self._trainer)
-        if dp.distributed:  # each rank scored its own prompts: sum counts over ranks
-            metrics, num_prompts = validation_metrics_from_sums(
-                dp.sum(validation_sums(correct)), correct.shape[1]
-            )
-        else:
-            metrics, num_prompts = validation_metrics(correct), correct.shape[0]
-        step = self.trainer.global_step
-        summary = ", ".join(f"{k} = {v:.3f}" for k, v in metrics.items())
-        self.print(f"[dapo-pl] validation at step {step}: {summary} ({num_prompts} prompts)")
+        votes = gather_prompt_rows(torch.cat(self._val_votes), dp)  # [P, K], every rank's prompts
+        self._val_votes = []
+        stats = getattr(getattr(self.trainer, "datamodule", None), "val_stats", None) or EvalStatsConfig()
+        metrics = evaluation_metrics(votes, stats)
+        step, num_prompts = self.trainer.global_step, votes.shape[0]
+        self.print(f"[dapo-pl] validation at step {step}: {summary_line(metrics)} ({num_prompts} prompts)")
         self._log_metrics(metrics)  # also during the sanity check: the step-0 point starts the curve
         if (
             not self.trainer.sanity_checking
         ):  # so `trainer.validate` returns them; the loggers have them already
-            self.log_dict(metrics, batch_size=max(num_prompts, 1), sync_dist=dp.distributed, logger=False)
+            self.log_dict(metrics, batch_size=max(num_prompts, 1), logger=False)  # the same on every rank
 
     def on_train_end(self) -> None:
         # An endless rollout stream never ends an epoch, so ModelCheckpoint alone would not save the final state:
@@ -656,32 +654,3 @@ def global_totals(
     out["clipfrac_high"] = high / max(all_tokens, 1.0)
     out["clipfrac_low"] = low / max(all_tokens, 1.0)
     return out
-
-
-def validation_metrics(correct: Tensor) -> dict[str, float]:
-    """avg@K and pass@K of a ``[P, K]`` correctness matrix, named with K.
-
-    avg@K is the mean correctness over all P x K samples; pass@K the share of prompts with at least one correct
-    sample among their K (the unbiased estimator with n = k samples reduces to exactly this).
-    """
-    k = correct.shape[1]
-    c = correct.float()  # [P, K]
-    return {f"val/acc_avg_at_{k}": float(c.mean()), f"val/pass_at_{k}": float(c.amax(dim=1).mean())}
-
-
-def validation_sums(correct: Tensor) -> list[float]:
-    """``[correct samples, samples, prompts with a correct sample, prompts]`` of a ``[P, K]`` matrix (P may be 0):
-    the additive pieces of avg@K and pass@K, summed over data-parallel ranks."""
-    c = correct.float()  # [P, K]
-    passed = float(c.amax(dim=1).sum()) if c.shape[0] else 0.0
-    return [float(c.sum()), float(c.numel()), passed, float(c.shape[0])]
-
-
-def validation_metrics_from_sums(sums: list[float], k: int) -> tuple[dict[str, float], int]:
-    """avg@K and pass@K from :func:`validation_sums` added over ranks, and the number of prompts."""
-    hits, samples, passed, prompts = sums
-    metrics = {
-        f"val/acc_avg_at_{k}": hits / max(samples, 1.0),
-        f"val/pass_at_{k}": passed / max(prompts, 1.0),
-    }
-    return metrics, int(prompts)

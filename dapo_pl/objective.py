@@ -302,7 +302,8 @@ def overlong_penalty(lengths: Tensor, max_len: int, cache_len: int, factor: floa
 
     Shapes:
         lengths: any shape, response lengths in tokens (int or float).
-        returns: same shape, float (``lengths``' dtype if floating, else the default dtype).
+        returns: same shape; ``lengths``' dtype if floating, float64 for integer lengths (rewards are float64
+            everywhere: in float32, ``len=16602, L=20480, C=7018`` was 7e-9 off).
 
     Raises:
         ValueError: ``max_len <= 0``, ``cache_len < 0``, ``cache_len > max_len`` or ``factor < 0``.
@@ -315,7 +316,7 @@ def overlong_penalty(lengths: Tensor, max_len: int, cache_len: int, factor: floa
         raise ValueError(f"cache_len ({cache_len}) must not exceed max_len ({max_len})")
     if factor < 0:
         raise ValueError(f"factor must be >= 0 (it is a penalty), got {factor}")
-    dtype = lengths.dtype if lengths.is_floating_point() else torch.get_default_dtype()
+    dtype = lengths.dtype if lengths.is_floating_point() else torch.float64
     length = lengths.to(torch.float64)  # [...]
     safe_len = max_len - cache_len
     # max(cache_len, 1) only guards the division; with cache_len == 0 no length falls in the soft zone.

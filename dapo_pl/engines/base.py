@@ -19,7 +19,8 @@ class SamplingConfig:
         top_p: nucleus sampling mass in (0, 1].
         top_k: keep the k most likely tokens; 0 disables.
         max_new_tokens: the response length cap (DAPO's L_max); hitting it without EOS marks a response truncated.
-        seed: base seed; generation call i uses ``seed + i``, so a run is reproducible.
+        seed: base seed; generation call i uses ``seed + i``, so a run is reproducible. None (the default):
+            derived from ``seed_everything`` by the data module (see :mod:`dapo_pl.seeds`); a value set here wins.
         stop: strings that end a response (besides EOS), kept in its text and tokens; a response that stops on one
             is not truncated.
     """
@@ -29,7 +30,7 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 32
-    seed: int = 0
+    seed: int | None = None
     stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:

@@ -204,7 +204,7 @@ def _check_diff(diff: dict[str, Any], knobs: tuple[str, ...], where: str) -> Non
     assert all(any(k.startswith(knob) for k in diff) for knob in knobs), (where, sorted(diff))
 
 
-@pytest.mark.parametrize("scale", ["paper", "cpu"])
+@pytest.mark.parametrize("scale", ["paper", "cpu", "chain"])
 def test_each_ablation_row_adds_exactly_one_technique(scale: str) -> None:
     paths = sorted((REPO / "configs" / "ablation" / scale).glob("*.yaml"))
     assert [p.stem for p in paths] == ["1_naive_grpo", *ROW_KNOBS]

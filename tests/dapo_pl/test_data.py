@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dapo_pl.data import DataError, PromptDataConfig, load_prompts
+from dapo_pl.data import DataError, PromptDataConfig
+from dapo_pl.datasets import load_prompts
 
 
 def _jsonl(path: Path, rows: list[object]) -> Path:

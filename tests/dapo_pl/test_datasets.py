@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dapo_pl.data import DataError, PromptDataConfig, load_prompts, render_prompt
-from dapo_pl.datasets import DAPO_INSTRUCTION, PRESETS, last_boxed, load_with_report
+from dapo_pl.data import DataError, PromptDataConfig, render_prompt
+from dapo_pl.datasets import DAPO_INSTRUCTION, PRESETS, last_boxed, load_prompts, load_with_report
 
 
 def _dapo_row(i: int) -> dict[str, object]:
@@ -157,3 +157,17 @@ def test_chat_messages_are_rendered_by_the_tokenizers_chat_template(tmp_path: Pa
     (record,) = load_prompts(PromptDataConfig(str(path), preset="aime-2024", template="{prompt}?"))
     ids = render_prompt(record, tokenizer)
     assert tokenizer.decode(ids).replace(" ", "") == "<|user|>whatis2+2??\n<|assistant|>"
+
+
+def test_data_does_not_import_datasets() -> None:
+    """The presets build on dapo_pl.data; dapo_pl.data never imports dapo_pl.datasets (no import cycle)."""
+    import ast
+
+    import dapo_pl.data
+
+    tree = ast.parse(Path(dapo_pl.data.__file__).read_text(encoding="utf-8"))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+    }
+    assert "dapo_pl.datasets" not in imported
+    assert set(dapo_pl.data.PRESET_NAMES) == set(PRESETS)

@@ -34,9 +34,6 @@ from dapo_pl.module import (
     DAPOModule,
     OptimConfig,
     align_micro_batches,
-    validation_metrics,
-    validation_metrics_from_sums,
-    validation_sums,
 )
 from dapo_pl.sampling import DynamicSamplingExhausted, GroupBuffer, fill_batch
 
@@ -376,7 +373,7 @@ def test_prompt_stream_is_sharded_across_ranks_without_repeats(tmp_path: Path) -
     ranks = [DAPODataModule(train=PromptDataConfig(str(path)), seed=3) for _ in range(2)]
     for r, dm in enumerate(ranks):
         dm._dp = lambda r=r: DataParallel(r, 2, None)  # type: ignore[method-assign]
-    from dapo_pl.data import load_prompts
+    from dapo_pl.datasets import load_prompts
 
     for dm in [single, *ranks]:
         dm._train = load_prompts(dm.train_cfg)
@@ -444,15 +441,44 @@ def test_padding_micro_batch_adds_zero_loss_but_touches_every_parameter() -> Non
     assert all(g is not None and torch.all(g == 0) for g in grads)  # every hook fired, nothing moved
 
 
-def test_validation_sums_over_ranks_equal_the_whole_matrix() -> None:
-    correct = torch.tensor([[1, 0], [0, 0], [1, 1], [0, 1], [0, 0]], dtype=torch.bool)
-    a, b = correct[0::2], correct[1::2]
-    summed = [x + y for x, y in zip(validation_sums(a), validation_sums(b), strict=True)]
-    metrics, prompts = validation_metrics_from_sums(summed, k=2)
-    assert prompts == 5
-    for key, value in validation_metrics(correct).items():
-        assert metrics[key] == pytest.approx(value, abs=1e-7)
-    assert validation_sums(torch.zeros((0, 2), dtype=torch.bool)) == [0.0, 0.0, 0.0, 0.0]
+def _gather_worker(rank: int, port: int, rows: list[list[int]], out: Any) -> None:
+    import torch.distributed as dist
+
+    from dapo_pl.evaluation import gather_prompt_rows
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+
+    class _Gloo:  # the one method DataParallel uses of a Lightning strategy, on a real gloo group
+        root_device = torch.device("cpu")
+
+        def reduce(self, tensor: torch.Tensor, reduce_op: str) -> torch.Tensor:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM if reduce_op == "sum" else dist.ReduceOp.MAX)
+            return tensor
+
+    mine = torch.tensor(rows, dtype=torch.long)[rank::2]  # the round-robin shard of the datamodule
+    out[rank] = gather_prompt_rows(mine, DataParallel(rank, 2, _Gloo())).tolist()
+    dist.destroy_process_group()
+
+
+def test_validation_rows_gathered_over_two_gloo_ranks_equal_the_whole_matrix() -> None:
+    """5 prompts on 2 real gloo ranks (3 + 2, round-robin): both get the whole [5, n] vote matrix back in the
+    original order, so the metrics and their bootstrap intervals equal the 1-rank ones exactly."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from dapo_pl.evaluation import EvalStatsConfig, evaluation_metrics
+
+    rows = [[0, 1], [-1, -1], [0, 0], [2, 0], [1, 1]]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.start_processes(_gather_worker, args=(port, rows, out), nprocs=2, start_method="fork")
+    assert out[0] == out[1] == rows
+    stats = EvalStatsConfig(k=(1, 2), bootstrap=200)
+    whole = evaluation_metrics(torch.tensor(rows), stats)
+    assert evaluation_metrics(torch.tensor(out[0]), stats) == whole
 
 
 def test_batch_sizes_must_split_over_ranks() -> None:

@@ -1,5 +1,6 @@
-"""avg@K and pass@K (``dapo_pl.module.validation_metrics``) against hand-computed values on fixed samples, the
-epoch aggregation over validation batches, and `dapo-pl validate` logging them to MLflow."""
+"""avg@K and pass@K at validation (``dapo_pl.evaluation.evaluation_metrics`` of the module's vote matrix) against
+hand-computed values on fixed samples, the epoch aggregation over validation batches, and `dapo-pl validate`
+logging and printing them (with pass@k / maj@k for every configured k and their intervals)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,16 @@ from typing import Any
 import pytest
 import torch
 
-from dapo_pl.module import DAPOModule, validation_metrics, validation_metrics_from_sums, validation_sums
+from dapo_pl.evaluation import EvalStatsConfig, evaluation_metrics
+from dapo_pl.module import DAPOModule
+
+
+def validation_metrics(correct: torch.Tensor) -> dict[str, float]:
+    """avg@K and pass@K only (k = K, no intervals) of a correctness matrix; wrong samples vote for one answer."""
+    votes = torch.where(correct, 0, 1)  # [P, K]
+    metrics = evaluation_metrics(votes, EvalStatsConfig(k=(), bootstrap=0))
+    return {k: v for k, v in metrics.items() if not k.startswith("val/maj_at_")}
+
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -73,7 +83,9 @@ class _Logger:
 
 def test_validation_epoch_pools_all_batches_not_their_means() -> None:
     """Batches of 1 and 3 prompts (K = 2): [[1, 1]] and [[0, 0], [0, 0], [0, 1]] -> 3 right of 8 samples:
-    avg@2 = 3/8 = 0.375 (a mean of batch means would give (1 + 1/6) / 2 = 0.583); pass@2 = 2/4 = 0.5."""
+    avg@2 = 3/8 = 0.375 (a mean of batch means would give (1 + 1/6) / 2 = 0.583); pass@2 = 2/4 = 0.5.
+    maj@2: prompt 0 right (1); prompts 1-2 vote wrong; prompt 3 ties 1-1 between a wrong answer given first and the
+    right one -> wrong: 1/4. The logged dict also holds the default pass@1 / maj@1 (= avg@2) and intervals."""
     module = DAPOModule("unused")
     logger = _Logger()
     fake_trainer: Any = SimpleNamespace(
@@ -85,29 +97,21 @@ def test_validation_epoch_pools_all_batches_not_their_means() -> None:
         world_size=1,
     )
     module._trainer = fake_trainer
-    module._val_correct = [
-        torch.tensor([[True, True]]),
-        torch.tensor([[False, False], [False, False], [False, True]]),
-    ]
+    module._val_votes = [torch.tensor([[0, 0]]), torch.tensor([[1, 1], [1, 2], [1, 0]])]
     module.on_validation_epoch_end()
-    assert logger.logged == [({"val/acc_avg_at_2": 0.375, "val/pass_at_2": 0.5}, 7)]
-    assert module._val_correct == []
-
-
-def test_ranks_pool_counts_not_their_means() -> None:
-    """The same two batches on two data-parallel ranks: counts [3 right, 8 samples, 2 passed, 4 prompts] summed
-    over ranks give the pooled 0.375 / 0.5; an empty rank (0 prompts) adds nothing."""
-    rank0 = validation_sums(torch.tensor([[True, True]]))
-    rank1 = validation_sums(torch.tensor([[False, False], [False, False], [False, True]]))
-    empty = validation_sums(torch.zeros(0, 2, dtype=torch.bool))
-    summed = [a + b + c for a, b, c in zip(rank0, rank1, empty, strict=True)]
-    assert summed == [3.0, 8.0, 2.0, 4.0]
-    assert validation_metrics_from_sums(summed, 2) == ({"val/acc_avg_at_2": 0.375, "val/pass_at_2": 0.5}, 4)
+    ((metrics, step),) = logger.logged
+    assert step == 7
+    assert {k: metrics[k] for k in ("val/acc_avg_at_2", "val/pass_at_2", "val/maj_at_2", "val/pass_at_1")} == {
+        "val/acc_avg_at_2": 0.375, "val/pass_at_2": 0.5, "val/maj_at_2": 0.25, "val/pass_at_1": 0.375,
+    }  # fmt: skip
+    assert metrics["val/acc_avg_at_2_ci_low"] <= 0.375 <= metrics["val/acc_avg_at_2_ci_high"]
+    assert module._val_votes == []
 
 
 @pytest.mark.slow
 def test_validate_command_logs_avg_and_pass_at_k(quickstart_dir: Path, tmp_path: Path) -> None:
-    """`dapo-pl validate` evaluates with its own sampling settings (val_rollout) and logs avg@K / pass@K."""
+    """`dapo-pl validate` evaluates with its own sampling settings (val_rollout), logs avg@K, pass@k and maj@k
+    for every configured k with their bootstrap intervals, and prints each with its interval."""
     import mlflow
 
     args = [
@@ -115,7 +119,7 @@ def test_validate_command_logs_avg_and_pass_at_k(quickstart_dir: Path, tmp_path:
         "--model.model_name_or_path", str(quickstart_dir / "model"),
         "--data.train.path", str(quickstart_dir / "data" / "train.jsonl"),
         "--data.val.path", str(quickstart_dir / "data" / "val.jsonl"), "--data.val.limit", "6",
-        "--data.val_rollout.n", "3", "--data.val_batch_prompts", "4",
+        "--data.val_rollout.n", "3", "--data.val_batch_prompts", "4", "--data.val_stats.k", "[1, 2]",
         "--trainer.logger.init_args.run_name", "eval-only",
     ]  # fmt: skip
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'runs.db'}"}
@@ -129,3 +133,13 @@ def test_validate_command_logs_avg_and_pass_at_k(quickstart_dir: Path, tmp_path:
     assert 0 <= avg <= pass_k <= 1
     assert round(avg * 18) == pytest.approx(avg * 18, abs=1e-4)  # a count of right answers out of 6 x 3
     assert round(pass_k * 6) == pytest.approx(pass_k * 6, abs=1e-4)
+    logged = run.data.metrics
+    for name in ("acc_avg_at_3", "pass_at_1", "pass_at_2", "pass_at_3", "maj_at_1", "maj_at_2", "maj_at_3"):
+        low, high = logged[f"val/{name}_ci_low"], logged[f"val/{name}_ci_high"]
+        assert 0 <= low <= logged[f"val/{name}"] <= high <= 1, name
+    assert logged["val/pass_at_1"] == pytest.approx(avg, abs=1e-12)  # pass@1 is avg@n
+    assert logged["val/pass_at_1"] <= logged["val/pass_at_2"] <= pass_k
+    line = next(ln for ln in result.stdout.splitlines() if "validation at step 0" in ln)
+    for short in ("avg@3", "pass@1", "pass@2", "pass@3", "maj@1", "maj@2", "maj@3"):
+        value = logged[f"val/{short.replace('avg@', 'acc_avg_at_').replace('@', '_at_')}"]
+        assert f"{short} {value:.3f} [" in line, line

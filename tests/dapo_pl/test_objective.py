@@ -502,9 +502,18 @@ def test_overlong_penalty_hand_worked_paper_setting():
     18432 is half-way: (16384 - 18432) / 4096 = -0.5; 20480 is the end: -4096 / 4096 = -1."""
     lengths = torch.tensor([0, 16384, 16385, 18432, 20480, 20481])
     got = overlong_penalty(lengths, max_len=20480, cache_len=4096)
-    want = torch.tensor([0.0, 0.0, -1 / 4096, -0.5, -1.0, -1.0])
-    assert got.dtype == torch.get_default_dtype() and got.shape == lengths.shape
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+    want = torch.tensor([0.0, 0.0, -1 / 4096, -0.5, -1.0, -1.0], dtype=F64)
+    assert got.dtype == F64 and got.shape == lengths.shape  # integer lengths: float64, like every reward
+    torch.testing.assert_close(got, want, **TOL)
+
+
+def test_overlong_penalty_of_integer_lengths_is_float64_exact():
+    """The issue's case: len 16602, L 20480, C 7018. (20480 - 7018 - 16602) / 7018 = -3140 / 7018, which float32
+    missed by 7e-9; integer lengths must give the float64 value of the formula."""
+    got = overlong_penalty(torch.tensor([16602]), max_len=20480, cache_len=7018)
+    assert got.dtype == F64
+    assert got.item() == ref_overlong(16602, 20480, 7018, 1.0) == -3140 / 7018
+    assert overlong_penalty(torch.tensor([3.0], dtype=torch.float32), 10, 4).dtype == torch.float32
 
 
 @pytest.mark.parametrize(
