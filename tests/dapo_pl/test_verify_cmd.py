@@ -17,7 +17,13 @@ import pytest
 
 from dapo_pl import verify_cmd
 from dapo_pl.hookspecs import hookimpl
-from dapo_pl.verification import PLUGINS_ENV, Verdict, get_plugin_manager, reset_plugin_manager
+from dapo_pl.verification import (
+    PLUGINS_ENV,
+    CheckedVerifier,
+    Verdict,
+    get_plugin_manager,
+    reset_plugin_manager,
+)
 
 
 def write_jsonl(path: Path, rows: list[Any]) -> Path:
@@ -263,22 +269,22 @@ def test_output_replaces_the_old_file_only_at_the_end(
         "2",
     ]
     calls = []
-    original = verify_cmd._judge
+    original = CheckedVerifier.score
 
-    def interrupted(verifier: Any, samples: Any) -> Any:
+    def interrupted(verifier: Any, samples: Any, failed: Any) -> Any:
         calls.append(len(samples))
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return original(verifier, samples)
+        return original(verifier, samples, failed)
 
-    monkeypatch.setattr(verify_cmd, "_judge", interrupted)
+    monkeypatch.setattr(CheckedVerifier, "score", interrupted)
     with pytest.raises(KeyboardInterrupt):
         verify_cmd.main(args)
     assert dst.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == [
         "in.jsonl",
         "out.jsonl",
     ]
-    monkeypatch.setattr(verify_cmd, "_judge", original)
+    monkeypatch.setattr(CheckedVerifier, "score", original)
     assert verify_cmd.main(args) == 0
     assert len(read_jsonl(dst)) == 7 and stat.S_IMODE(dst.stat().st_mode) == 0o640
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
