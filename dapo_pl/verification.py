@@ -249,21 +249,12 @@ class CheckedVerifier:
         return verdicts
 
     def score(self, samples: Sequence[Sample], failed: Verdict) -> tuple[list[Verdict], str | None]:
-        """One verdict per sample and the batch's error (None if it went through); never raises for the plugin.
-
-        A batch the plugin raises on is scored again in halves, so only the samples it fails on get ``failed``
-        (with ``error`` set to the message naming the verifier) and the others keep their verdicts; a timeout is
-        not retried (it would only cost the time again): its whole batch gets ``failed``.
-        """
+        """One verdict per sample and the batch's error (None if it went through); never raises for the plugin:
+        on any failure every sample gets ``failed`` with ``error`` set to the message naming the verifier."""
         try:
             return self(samples), None
         except Exception as exc:
             message = str(exc) if isinstance(exc, VerifierError) else f"{self.where} raised {exc!r}"
-            if len(samples) > 1 and not isinstance(exc, VerifierTimeout):
-                half = len(samples) // 2
-                first, first_error = self.score(samples[:half], failed)
-                second, second_error = self.score(samples[half:], failed)
-                return first + second, first_error or second_error
             return [replace(failed, error=message) for _ in samples], message
 
     def _run(self, samples: Sequence[Sample]) -> list[Verdict]:
