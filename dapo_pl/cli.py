@@ -296,13 +296,8 @@ def _run(argv: list[str] | None) -> int:
     if args and args[0] in PLUGIN_COMMANDS:
         return _plugin_main(args)
     check_config_files(args)
-    from dapo_pl.tracking import TrackingUnavailable
-
     try:
-        run_lightning(argv)  # None: LightningCLI reads sys.argv itself
-    except TrackingUnavailable as exc:  # an outage, not a bug of ours: the message alone says what to do
-        print(f"dapo-pl: error: {exc}", file=sys.stderr)
-        return 2
+        run_lightning(argv)  # None: LightningCLI reads sys.argv itself (an unreachable MLflow: DapoUserError)
     except PreemptedFit as exc:
         print(resume_hint(exc, args), file=sys.stderr)
         return 128 + exc.signum

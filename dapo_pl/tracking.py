@@ -37,6 +37,8 @@ from typing import Any
 
 from lightning.pytorch.loggers import MLFlowLogger
 
+from dapo_pl.errors import DapoUserError
+
 # MLflow's HTTP settings for this process when the user has not set them: a call to a dead server fails in
 # seconds instead of MLflow's 255 s of retries; the background thread does its own retrying.
 HTTP_DEFAULTS = {
@@ -50,7 +52,7 @@ _QUEUED_METHODS = ("log_batch", "log_metric", "log_param", "set_tag", "log_text"
 _MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 
 
-class TrackingUnavailable(RuntimeError):
+class TrackingUnavailable(DapoUserError, RuntimeError):
     """The MLflow tracking server cannot be reached (a user-facing error: the message says what to do)."""
 
 
