@@ -4,7 +4,10 @@
    with the overlong-filtering loss weight applied.
 2. :func:`score_old`: old (and reference) log-probs of every micro-batch, no gradient, plus entropy and the
    engine-vs-trainer log-prob gap. Skipped when the update is exactly on-policy (:func:`is_on_policy`): the old
-   log-probs are then the loss pass's own, detached, and the metrics come from that pass.
+   log-probs are then the loss pass's own, detached, and the metrics come from that pass. With
+   ``old_logprobs: engine`` the engine's log-probs are the old ones instead (:func:`use_engine_logprobs`).
+   Then the rollout correction (:func:`correct_rollouts`): TIS weights and the MIS-masked loss mask, before the
+   denominator is counted; on the on-policy path only TIS, from the loss pass (:func:`on_policy_weights`).
 3. :func:`accumulate_gradients`: loss and backward of every micro-batch of one mini-batch, all sharing one
    token-mean denominator (``num_tokens``) so that their sum is the mini-batch loss.
 
