@@ -211,6 +211,7 @@ def _fit(
     no carry-over (every step's groups are fresh, so every step has engine log-probs to compare). The overlong
     shaping over most of the 12 tokens makes rewards differ within a group even when every answer is wrong (the
     barely warm-started test model), so every step has a gradient without dynamic sampling."""
+    L.seed_everything(0)  # the adapters' random init (A) is drawn in configure_model, after the ranks fork
     dm = DAPODataModule(
         train=PromptDataConfig(str(qs / "data" / "train.jsonl")), model_name_or_path=str(qs / "model"),
         prompts_per_step=8, rollout=SamplingConfig(n=4, max_new_tokens=12, seed=3),
