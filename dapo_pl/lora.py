@@ -170,7 +170,8 @@ def _full(t: Tensor) -> Tensor:
     return (full_tensor() if callable(full_tensor) else t).detach()
 
 
-def _lora_layers(base: nn.Module) -> dict[str, Any]:
+def lora_layers(base: nn.Module) -> dict[str, Any]:
+    """The peft LoRA layers of ``base`` by module name."""
     from peft.tuners.lora import LoraLayer
 
     return {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
@@ -207,7 +208,7 @@ def merged_named_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     :func:`dapo_pl.engines.vllm.named_tensors`). A model that is not a ``PeftModel`` yields its own parameters.
     """
     base = unwrap(model)
-    layers = _lora_layers(base) if is_peft_model(model) else {}
+    layers = lora_layers(base) if is_peft_model(model) else {}
     for name, param in base.named_parameters(remove_duplicate=False):
         name = name.replace("_orig_mod.", "")
         if ".lora_" in name:

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from dapo_pl.lora import is_peft_model, unwrap
+from dapo_pl.lora import is_peft_model, lora_layers, unwrap
 
 LoRASync = Literal["merged", "adapter"]
 LORA_SYNCS = ("merged", "adapter")
@@ -61,6 +61,28 @@ def engine_param_meta(model: nn.Module) -> Iterator[tuple[str, torch.dtype, tupl
             param.dtype,
             tuple(param.shape),
         )
+
+
+def engine_versions(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """``engine name -> (storage pointer, in-place version)`` of every trainer tensor the engine's tensor is
+    computed from: a merged ``...q_proj.weight`` changes when its ``lora_A`` or ``lora_B`` does, although the
+    frozen base tensor never does. For a change-tracking (delta) sync keyed by the names the engine receives."""
+    base = unwrap(model)
+    layers = lora_layers(base) if is_peft_model(model) else {}
+    out: dict[str, tuple[int, ...]] = {}
+    for name, param in base.named_parameters(remove_duplicate=False):
+        name = name.replace("_orig_mod.", "")
+        if ".lora_" in name:
+            continue
+        owner, _, leaf = name.rpartition(".base_layer.")
+        version: tuple[int, ...] = (param.data_ptr(), param._version)
+        if owner and leaf == "weight" and owner in layers:
+            layer = layers[owner]
+            for adapter in layer.active_adapters:
+                for part in (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight):
+                    version += (part.data_ptr(), part._version)
+        out[f"{owner}.{leaf}" if owner else name] = version
+    return out
 
 
 class AdapterSync:

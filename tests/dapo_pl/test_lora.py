@@ -149,6 +149,20 @@ def test_the_chunked_head_scores_a_lora_policy_and_its_reference(recwarn: pytest
     ]  # the chunked path, not the fallback
 
 
+def test_engine_versions_change_exactly_for_the_merged_tensors_an_update_touches() -> None:
+    """A delta sync keyed by engine names must see a merged weight change when only its adapter changed."""
+    from dapo_pl.engines.lora_sync import engine_versions
+
+    policy = apply_lora(_tiny(), LoRAConfig(r=4, alpha=8.0, target_modules=("q_proj", "down_proj")))
+    before = engine_versions(policy)
+    assert sorted(before) == sorted(n for n, _ in merged_named_tensors(policy))
+    layer = dict(policy.get_base_model().named_modules())["model.layers.1.self_attn.q_proj"]
+    with torch.no_grad():
+        layer.lora_B["default"].weight.add_(1.0)  # as an optimizer step does: in place
+    after = engine_versions(policy)
+    assert {n for n in before if before[n] != after[n]} == {"model.layers.1.self_attn.q_proj.weight"}
+
+
 # ---- the module: what is trained and what the KL reference is -----------------------------------------------
 def _module(model_dir: Path, **kwargs: Any) -> DAPOModule:
     kwargs.setdefault("peft", LoRAConfig(r=4, alpha=8.0))
@@ -211,6 +225,7 @@ def _fit(
     no carry-over (every step's groups are fresh, so every step has engine log-probs to compare). The overlong
     shaping over most of the 12 tokens makes rewards differ within a group even when every answer is wrong (the
     barely warm-started test model), so every step has a gradient without dynamic sampling."""
+    L.seed_everything(0)  # the adapters' random init (A) is drawn in configure_model, after the ranks fork
     dm = DAPODataModule(
         train=PromptDataConfig(str(qs / "data" / "train.jsonl")), model_name_or_path=str(qs / "model"),
         prompts_per_step=8, rollout=SamplingConfig(n=4, max_new_tokens=12, seed=3),
