@@ -52,6 +52,9 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "max_epochs": -1,
     "num_sanity_val_steps": -1,  # a full validation before the first update: the start of the val curve
     "check_val_every_n_epoch": None,
+    # The config is logged by DAPOCLI._log_config (dotted keys, a resumed run keeps its first values); Lightning's
+    # own copy of the module's hparams would crash a resume whose flags changed one (MLflow refuses the change).
+    "enable_autolog_hparams": False,
 }
 
 

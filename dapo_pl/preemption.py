@@ -87,6 +87,8 @@ class PreemptionCallback(L.Callback):
         # checkpoint): ours replaces it for the training loop and is undone at teardown.
         for signum in SIGNALS:
             self._previous[signum] = signal.signal(signum, self._on_signal)
+        if getattr(trainer, "received_sigterm", False):  # caught by Lightning's handler before training began
+            self.signum = signal.SIGTERM
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if self._stopping:
