@@ -190,7 +190,10 @@ class _Sender:
         if self.down_since is not None:
             away = time.monotonic() - self.down_since
             self.down_since = None
-            self.say(f"[dapo-pl] MLflow at {self.uri} is back after {away:.0f} s; the kept metrics were sent")
+            self.say(
+                f"[dapo-pl] MLflow at {self.uri} is back after {away:.0f} s; sending what was kept meanwhile "
+                f"({len(self.pending)} more calls queued)"
+            )
 
     def drain(self, timeout_s: float) -> bool:
         """Wait until every queued call went through (True) or ``timeout_s`` passed (False)."""
