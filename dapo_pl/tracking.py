@@ -362,7 +362,7 @@ class DAPOMLFlowLogger(MLFlowLogger):
     def _write_spool(self, items: list[dict[str, Any]]) -> None:
         if not items:
             return
-        path = Path(self.spool_dir) / f"mlflow-unsent-{self._run_id}.jsonl"
+        path = (Path(self.spool_dir) / f"mlflow-unsent-{self._run_id}.jsonl").absolute()
         with path.open("a", encoding="utf-8") as fh:
             header = {"format": SPOOL_FORMAT, "tracking_uri": self._tracking_uri, "run_id": self._run_id}
             fh.write(json.dumps(header) + "\n")

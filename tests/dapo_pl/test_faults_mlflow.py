@@ -160,21 +160,23 @@ def _steps(url: str, run_id: str, metric: str) -> list[int]:
 
 
 def _run_timed(cmd: list[str], cwd: Path, url: str, wait_s: int) -> tuple[int, list[str], float]:
-    """Exit status, output lines, and seconds from the first refused connection (the "waiting up to" line) to
-    the exit: the bound then holds however long the imports take on a loaded machine."""
+    """Exit status, output lines, and seconds from the first refused connection (the "waiting up to" line) to the
+    error message: the bound then holds however long imports and interpreter exit take on a loaded machine."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": url}
     proc = subprocess.Popen(
         cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    lines, since = [], None
+    lines, since, until = [], None, None
     assert proc.stdout is not None
     for line in proc.stdout:  # ends when the process exits
         lines.append(line)
         if since is None and f"waiting up to {wait_s} s for the MLflow tracking server {url}" in line:
             since = time.monotonic()
+        if until is None and line.startswith("dapo-pl") and "error: " in line:
+            until = time.monotonic()
     proc.wait(timeout=600)
-    assert since is not None, "".join(lines)[-3000:]
-    return proc.returncode, lines, time.monotonic() - since
+    assert since is not None and until is not None, "".join(lines)[-3000:]
+    return proc.returncode, lines, until - since
 
 
 def test_fit_against_an_unreachable_server_fails_in_seconds(quickstart_dir: Path, tmp_path: Path) -> None:
