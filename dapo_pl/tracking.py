@@ -192,7 +192,10 @@ class _Sender:
         if self.down_since is not None:
             away = time.monotonic() - self.down_since
             self.down_since = None
-            self.say(f"[dapo-pl] MLflow at {self.uri} is back after {away:.0f} s; the kept metrics were sent")
+            self.say(
+                f"[dapo-pl] MLflow at {self.uri} is back after {away:.0f} s; sending what was kept meanwhile "
+                f"({len(self.pending)} more calls queued)"
+            )
 
     def drain(self, timeout_s: float) -> bool:
         """Wait until every queued call went through (True) or ``timeout_s`` passed (False)."""
@@ -361,7 +364,7 @@ class DAPOMLFlowLogger(MLFlowLogger):
     def _write_spool(self, items: list[dict[str, Any]]) -> None:
         if not items:
             return
-        path = Path(self.spool_dir) / f"mlflow-unsent-{self._run_id}.jsonl"
+        path = (Path(self.spool_dir) / f"mlflow-unsent-{self._run_id}.jsonl").absolute()
         with path.open("a", encoding="utf-8") as fh:
             header = {"format": SPOOL_FORMAT, "tracking_uri": self._tracking_uri, "run_id": self._run_id}
             fh.write(json.dumps(header) + "\n")
