@@ -32,8 +32,17 @@ from dapo_pl.batch import MicroBatch, RolloutBatch, padding_micro_batch
 from dapo_pl.data import check_model_source
 from dapo_pl.distributed import DataParallel, full_state_dict, is_sharded, mark_synced_generation
 from dapo_pl.errors import ConfigError
+from dapo_pl.head import DEFAULT_CHUNK_TOKENS
 from dapo_pl.objective import AGGREGATIONS, token_mean_denominator
-from dapo_pl.update import accumulate_gradients, count_rows, cut_batch, score_old
+from dapo_pl.update import (
+    ScoreStats,
+    accumulate_gradients,
+    count_rows,
+    cut_batch,
+    is_on_policy,
+    score_old,
+    score_reference,
+)
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,9 @@ class AlgorithmConfig:
         mini_batch_size: responses per optimizer step, over all data-parallel ranks (each takes
             ``mini_batch_size / world_size``); the batch (prompts_per_step x n) must be a multiple.
         micro_batch_max_tokens: token budget (padded) of one forward/backward pass.
+        logprob_chunk_tokens: response tokens per chunk of the LM head (log-probs and entropy): peak memory of
+            the head is about ``2 x logprob_chunk_tokens x vocab x 4`` bytes (1024 x 152k: 1.2 GB), whatever the
+            micro-batch size; smaller saves memory, larger runs fewer, bigger matmuls.
     """
 
     eps_low: float = 0.2
@@ -64,6 +76,7 @@ class AlgorithmConfig:
     ppo_epochs: int = 1
     mini_batch_size: int = 512
     micro_batch_max_tokens: int = 8192
+    logprob_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
 
     def __post_init__(self) -> None:
         for name in ("eps_low", "eps_high"):
@@ -77,7 +90,7 @@ class AlgorithmConfig:
             raise ValueError(f"algorithm.loss_agg must be one of {AGGREGATIONS}, got {self.loss_agg!r}")
         if self.kl_coef < 0:
             raise ValueError(f"algorithm.kl_coef must be >= 0, got {self.kl_coef}")
-        for name in ("ppo_epochs", "mini_batch_size", "micro_batch_max_tokens"):
+        for name in ("ppo_epochs", "mini_batch_size", "micro_batch_max_tokens", "logprob_chunk_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"algorithm.{name} must be >= 1, got {getattr(self, name)}")
 
@@ -235,21 +248,25 @@ class DAPOModule(L.LightningModule):
         metrics = dict(batch.metrics)
         t0 = time.perf_counter()
         dp = DataParallel.of(self._trainer)
-        mini_batches = self._prepare(batch, metrics, dp)
+        mini_batches, on_policy = self._prepare(batch, metrics, dp)
         if not mini_batches:  # on every rank: the count is agreed
             self.print(
                 "[dapo-pl] no group with mixed answers this step: nothing to train on (see train/ds_exhausted)"
             )
         for _ in range(self.algo.ppo_epochs):
             for micro_batches in mini_batches:
-                metrics.update(self._optimizer_step(micro_batches, batch.temperature, dp))
+                metrics.update(self._optimizer_step(micro_batches, batch.temperature, dp, on_policy))
         metrics["time/update_s"] = time.perf_counter() - t0
         self._log_step(metrics)
 
     def _prepare(
         self, batch: RolloutBatch, metrics: dict[str, float], dp: DataParallel
-    ) -> list[list[MicroBatch]]:
-        """Cut the batch into mini/micro-batches (aligned over ranks) and attach old (and reference) log-probs."""
+    ) -> tuple[list[list[MicroBatch]], bool]:
+        """Cut the batch into mini/micro-batches (aligned over ranks) and attach old (and reference) log-probs.
+
+        Also returns whether the update is exactly on-policy (the same on every rank: the mini-batch count is
+        agreed and the carried-over share is global); then the old log-probs come from the loss pass itself.
+        """
         assert self.policy is not None
         mini_batches = cut_batch(
             batch,
@@ -261,12 +278,19 @@ class DAPOModule(L.LightningModule):
         if dp.distributed:
             mini_batches = align_micro_batches(mini_batches, dp, self.pad_id)
         if not mini_batches:
-            return []
+            return [], False
         mini_batches = [[mb.to(self.device) for mb in mbs] for mbs in mini_batches]
         flat = [mb for mbs in mini_batches for mb in mbs]
-        reduce = dp.sum if dp.distributed else None
-        metrics.update(score_old(self.policy, flat, batch.temperature, self.ref_policy, all_reduce=reduce))
-        return mini_batches
+        chunk = self.algo.logprob_chunk_tokens
+        carried = batch.metrics.get("train/carried_group_frac", 0.0)
+        on_policy = is_on_policy(self.algo.ppo_epochs, len(mini_batches), carried)
+        if on_policy:
+            if self.ref_policy is not None:
+                score_reference(self.ref_policy, flat, batch.temperature, chunk)
+        else:
+            reduce = dp.sum if dp.distributed else None
+            metrics.update(score_old(self.policy, flat, batch.temperature, self.ref_policy, reduce, chunk))
+        return mini_batches, on_policy
 
     def _denominator(self, micro_batches: list[MicroBatch]) -> Tensor:
         world = self.trainer.world_size
@@ -275,19 +299,23 @@ class DAPOModule(L.LightningModule):
         return token_mean_denominator(masks, all_reduce=reduce, grad_average_world_size=world)
 
     def _optimizer_step(
-        self, micro_batches: list[MicroBatch], temperature: float, dp: DataParallel
+        self, micro_batches: list[MicroBatch], temperature: float, dp: DataParallel, on_policy: bool = False
     ) -> dict[str, float]:
-        """One optimizer step over one mini-batch: shared denominator, backward per micro-batch, clip, step."""
+        """One optimizer step over one mini-batch: shared denominator, backward per micro-batch, clip, step.
+
+        ``on_policy``: no old log-probs were scored; the loss pass supplies them and the scoring metrics."""
         assert self.policy is not None
         opt, scheduler = self.optimizers(), self.lr_schedulers()
         token_mean = self.algo.loss_agg == "token-mean"
         num_tokens = self._denominator(micro_batches) if token_mean else None
         # seq-mean over ranks: global non-empty rows / world, as the token count above (one process: local count)
         num_rows = max(dp.sum([count_rows(micro_batches)])[0], 1.0) / dp.size if dp.distributed else None
+        stats = ScoreStats() if on_policy else None
         totals = accumulate_gradients(
             self.policy, micro_batches, temperature=temperature, algo=self.algo, num_tokens=num_tokens,
-            backward=self.manual_backward, num_rows=None if token_mean else num_rows,
+            backward=self.manual_backward, num_rows=None if token_mean else num_rows, on_policy_stats=stats,
         )  # fmt: skip
+        scored = stats.metrics(dp.sum if dp.distributed else None) if stats is not None else {}
         if dp.distributed:
             totals = global_totals(totals, micro_batches, dp)
         grad_norm = self._clip_gradients()
@@ -295,7 +323,8 @@ class DAPOModule(L.LightningModule):
         opt.step()
         opt.zero_grad(set_to_none=True)
         scheduler.step()
-        return {**{f"train/{k}": v for k, v in totals.items()}, "train/grad_norm": grad_norm, "train/lr": lr}
+        out = {f"train/{k}": v for k, v in totals.items()}
+        return {**out, **scored, "train/grad_norm": grad_norm, "train/lr": lr}
 
     def _clip_gradients(self) -> float:
         """Clip the global gradient norm (identical on every rank after the gradient all-reduce) and return it."""

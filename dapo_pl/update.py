@@ -3,21 +3,30 @@
 1. :func:`cut_batch`: rollout batch -> mini-batches (one optimizer step each) -> micro-batches (token budget),
    with the overlong-filtering loss weight applied.
 2. :func:`score_old`: old (and reference) log-probs of every micro-batch, no gradient, plus entropy and the
-   engine-vs-trainer log-prob gap.
+   engine-vs-trainer log-prob gap. Skipped when the update is exactly on-policy (:func:`is_on_policy`): the old
+   log-probs are then the loss pass's own, detached, and the metrics come from that pass.
 3. :func:`accumulate_gradients`: loss and backward of every micro-batch of one mini-batch, all sharing one
    token-mean denominator (``num_tokens``) so that their sum is the mini-batch loss.
+
+Every pass scores only response positions through :func:`score_tokens`: the model's final hidden states at those
+positions go through the LM head in chunks of ``logprob_chunk_tokens`` (:mod:`dapo_pl.head`), so no
+``[tokens, vocab]`` logits tensor is ever built.
 Clipping and the optimizer step stay in the module, where Lightning's optimizer wrappers live.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from dapo_pl.batch import MicroBatch, RolloutBatch, collate, mini_batch_slices, split_by_token_budget
+from dapo_pl.head import DEFAULT_CHUNK_TOKENS, chunked_logprobs, scatter_positions
 from dapo_pl.objective import (
     aggregate,
     clip_fractions,
@@ -43,9 +52,122 @@ def cut_batch(
 
 
 def forward_logits(model: torch.nn.Module, mb: MicroBatch) -> Tensor:
-    """Float32 logits ``[b, L-1, V]``: position t scores token t+1."""
+    """Logits ``[b, L-1, V]``, float32 at least: position t scores token t+1. The fallback of :func:`score_tokens`."""
     out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
-    return out.logits[:, :-1].float()
+    logits = out.logits[:, :-1]  # [b, L-1, V]
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+# Config fields of transformers models that transform logits after the head: the chunked head would skip them.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
+
+
+def linear_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The model's output embedding if :func:`score_tokens` can compute it in chunks, else None.
+
+    That needs an ``nn.Linear`` head (tied or not) whose output is the logits as they are: a config that
+    soft-caps or scales the logits after the head (Gemma 2, Cohere, Granite, ...) takes the full-logits path.
+    """
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    config = getattr(model, "config", None)
+    transformed = any(getattr(config, k, None) not in (None, 1, 1.0) for k in _LOGIT_TRANSFORMS)
+    return head if isinstance(head, torch.nn.Linear) and not transformed else None
+
+
+@contextmanager
+def _head_forward(head: torch.nn.Module, forward: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """Replace ``head``'s forward for one call of the model (the instance attribute shadows the class's)."""
+    previous = head.__dict__.get("forward")
+    head.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if previous is None:
+            del head.forward
+        else:
+            head.forward = previous  # type: ignore[method-assign]
+
+
+def score_tokens(
+    model: torch.nn.Module, mb: MicroBatch, temperature: float, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+) -> tuple[Tensor, Tensor]:
+    """Log-probs and entropies (at ``temperature``) of the response tokens of ``mb``; 0 at other positions.
+
+    Only response positions reach the LM head, ``chunk_tokens`` at a time (:func:`dapo_pl.head.chunked_logprobs`),
+    so no ``[b, L, V]`` logits exist. The head runs *inside* the model's forward, in place of its output
+    embedding, so sharding strategies (FSDP2 unshards the root module's parameters in its forward hook) hand it
+    the full weight, and the model's own code (gradient checkpointing, tied embeddings) is unchanged. Models
+    without a plain linear head fall back to full logits (:func:`forward_logits`), with a warning.
+
+    Shapes: ``mb.input_ids`` ``[b, L]``; returns ``(logprobs [b, L-1], entropy [b, L-1])``.
+    """
+    head = linear_head(model)
+    mask = mb.response_mask != 0  # [b, L-1]
+    if head is None:
+        warnings.warn(
+            f"{type(model).__name__}: the output embedding is not a plain nn.Linear; log-probs use full "
+            "[b, L, V] logits (memory grows with tokens x vocabulary)",
+            stacklevel=2,
+        )
+        logits = forward_logits(model, mb) / temperature  # [b, L-1, V]
+        logprobs = logprobs_from_logits(logits, mb.input_ids[:, 1:])  # [b, L-1]
+        zero = logprobs.new_zeros(())
+        return torch.where(mask, logprobs, zero), torch.where(mask, token_entropy(logits), zero)
+    rows, cols = mask.nonzero(as_tuple=True)  # [N], [N]
+    tokens = mb.input_ids[rows, cols + 1]  # [N]
+
+    def scored_head(hidden: Tensor) -> Tensor:  # [b, L, H] -> [1, N, 2]
+        lp, ent = chunked_logprobs(hidden[rows, cols], head.weight, head.bias, tokens,
+                                   temperature=temperature, chunk_tokens=chunk_tokens)  # fmt: skip
+        return torch.stack([lp, ent], dim=-1).unsqueeze(0)  # [1, N, 2]: returned as the model's "logits"
+
+    with _head_forward(head, scored_head):
+        out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
+    packed = out.logits[0]  # [N, 2]
+    shape = (mask.shape[0], mask.shape[1])
+    return scatter_positions(packed[:, 0], rows, cols, shape), scatter_positions(
+        packed[:, 1], rows, cols, shape
+    )
+
+
+@dataclass
+class ScoreStats:
+    """Numerators and token counts of the scoring metrics, summed over micro-batches (and ranks).
+
+    ``train/entropy``: mean entropy (at the sampling temperature) over response tokens;
+    ``rollout/logprob_abs_diff_mean``: mean ``|trainer - engine|`` log-prob over tokens the engine scored.
+    """
+
+    entropy_sum: float = 0.0
+    tokens: float = 0.0
+    gap_sum: float = 0.0
+    gap_tokens: float = 0.0
+
+    def add(self, mb: MicroBatch, logprobs: Tensor, entropy: Tensor) -> None:
+        """Add one micro-batch's ``[b, L-1]`` (detached) log-probs and entropies."""
+        self.entropy_sum += float((entropy * mb.response_mask).sum())
+        self.tokens += float(mb.response_mask.sum())
+        self.gap_sum += float(((logprobs - mb.rollout_logprobs).abs() * mb.rollout_mask).sum())
+        self.gap_tokens += float(mb.rollout_mask.sum())
+
+    def metrics(self, all_reduce: Callable[[list[float]], list[float]] | None = None) -> dict[str, float]:
+        """The metrics; ``all_reduce`` (data-parallel ranks: a collective, every rank calls it) sums first."""
+        sums = [self.entropy_sum, self.tokens, self.gap_sum, self.gap_tokens]
+        ent_sum, ent_n, diff_sum, diff_n = all_reduce(sums) if all_reduce is not None else sums
+        metrics = {"train/entropy": ent_sum / max(ent_n, 1.0)}
+        if diff_n:
+            metrics["rollout/logprob_abs_diff_mean"] = diff_sum / diff_n
+        return metrics
+
+
+def is_on_policy(ppo_epochs: int, num_mini_batches: int, carried_group_frac: float) -> bool:
+    """Whether the one optimizer step of this batch starts from the weights that would score old log-probs.
+
+    One epoch, one mini-batch and no group carried over from an earlier step: the old log-probs are then the
+    current ones (detached), so :func:`score_old`'s separate forward pass is skipped.
+    """
+    return ppo_epochs == 1 and num_mini_batches == 1 and carried_group_frac == 0.0
 
 
 @torch.no_grad()
@@ -55,29 +177,32 @@ def score_old(
     temperature: float,
     ref_policy: torch.nn.Module | None = None,
     all_reduce: Callable[[list[float]], list[float]] | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> dict[str, float]:
     """Attach ``old_logprobs`` (and ``ref_logprobs``) to every micro-batch; return entropy and engine-gap metrics.
 
     ``all_reduce`` (data-parallel ranks) sums the metrics' numerators and token counts over ranks, so the
     metrics describe the whole batch; None: this rank's micro-batches only.
     """
-    ent_sum = ent_n = diff_sum = diff_n = 0.0
+    stats = ScoreStats()
     for mb in micro_batches:
-        logits = forward_logits(policy, mb)  # [b, L-1, V]
-        mb.old_logprobs = logprobs_from_logits(logits, mb.input_ids[:, 1:], temperature)  # [b, L-1]
-        ent_sum += float((token_entropy(logits) * mb.response_mask).sum())
-        ent_n += float(mb.response_mask.sum())
-        diff_sum += float(((mb.old_logprobs - mb.rollout_logprobs).abs() * mb.rollout_mask).sum())
-        diff_n += float(mb.rollout_mask.sum())
-        if ref_policy is not None:
-            ref_logits = forward_logits(ref_policy, mb)  # [b, L-1, V]
-            mb.ref_logprobs = logprobs_from_logits(ref_logits, mb.input_ids[:, 1:], temperature)  # [b, L-1]
-    if all_reduce is not None:
-        ent_sum, ent_n, diff_sum, diff_n = all_reduce([ent_sum, ent_n, diff_sum, diff_n])
-    metrics = {"train/entropy": ent_sum / max(ent_n, 1.0)}
-    if diff_n:
-        metrics["rollout/logprob_abs_diff_mean"] = diff_sum / diff_n
-    return metrics
+        mb.old_logprobs, entropy = score_tokens(policy, mb, temperature, chunk_tokens)  # [b, L-1] each
+        stats.add(mb, mb.old_logprobs, entropy)
+    if ref_policy is not None:
+        score_reference(ref_policy, micro_batches, temperature, chunk_tokens)
+    return stats.metrics(all_reduce)
+
+
+@torch.no_grad()
+def score_reference(
+    ref_policy: torch.nn.Module,
+    micro_batches: list[MicroBatch],
+    temperature: float,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> None:
+    """Attach the reference policy's ``ref_logprobs`` ``[b, L-1]`` (for the KL penalty) to every micro-batch."""
+    for mb in micro_batches:
+        mb.ref_logprobs = score_tokens(ref_policy, mb, temperature, chunk_tokens)[0]
 
 
 def count_rows(micro_batches: list[MicroBatch]) -> int:
@@ -106,6 +231,7 @@ def accumulate_gradients(
     num_tokens: Tensor | None,
     backward: Callable[[Tensor], None],
     num_rows: float | None = None,
+    on_policy_stats: ScoreStats | None = None,
 ) -> dict[str, float]:
     """Backward the loss of every micro-batch of one mini-batch; return loss and clip statistics.
 
@@ -113,15 +239,23 @@ def accumulate_gradients(
     :func:`dapo_pl.objective.token_mean_denominator`), or None for the seq-mean aggregations, which weight each
     micro-batch by its share of responses instead (of ``num_rows`` when given: see :func:`_row_weights`).
     ``algo`` is the module's ``AlgorithmConfig``.
+
+    ``on_policy_stats``: the update is exactly on-policy (:func:`is_on_policy`) and :func:`score_old` was skipped:
+    the old log-probs are this forward's own, detached, and its entropy and engine-gap sums go into the given
+    :class:`ScoreStats`. Otherwise every micro-batch must carry ``old_logprobs``.
     """
     weights = _row_weights(micro_batches, num_rows) if num_tokens is None else [1.0] * len(micro_batches)
     tokens = max(sum(float(mb.loss_mask.sum()) for mb in micro_batches), 1.0)
     totals = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clipfrac_high": 0.0, "clipfrac_low": 0.0}
     for mb, weight in zip(micro_batches, weights, strict=True):
-        assert mb.old_logprobs is not None
-        logprobs = logprobs_from_logits(
-            forward_logits(policy, mb), mb.input_ids[:, 1:], temperature
-        )  # [b, L-1]
+        logprobs, entropy = score_tokens(policy, mb, temperature, algo.logprob_chunk_tokens)  # [b, L-1] each
+        if on_policy_stats is not None:
+            mb.old_logprobs = logprobs.detach()
+            on_policy_stats.add(mb, mb.old_logprobs, entropy.detach())
+        if mb.old_logprobs is None:
+            raise ValueError(
+                "a micro-batch has no old_logprobs: call score_old first, or pass on_policy_stats"
+            )
         pg = weight * policy_loss(
             logprobs, mb.old_logprobs, mb.advantages, mb.loss_mask, eps_low=algo.eps_low, eps_high=algo.eps_high,
             clip_ratio_c=algo.clip_ratio_c, agg=algo.loss_agg, num_tokens=num_tokens,

@@ -142,6 +142,7 @@ class Record(Callback):
 def _fit(
     tiny: Path, out: Path, *, devices: int, loss_agg: str = "token-mean", all_right_on_rank: int | None = None,
     logger: Any = False, max_steps: int = 4, strategy: Any = None, collect: bool = True, export: bool = False,
+    mini_batch_size: int = 8,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Fit 2 rollout steps of 4 groups x 4 responses, mini-batches of 8 responses (2 optimizer steps each);
     return each rank's :class:`Record` (``collect=False``: inside a rank, which cannot wait for the others)."""
@@ -157,7 +158,9 @@ def _fit(
     module = DAPOModule(
         str(tiny / "model"),
         # A budget of 40 padded tokens cuts each rank's mini-batch into a different number of micro-batches.
-        algorithm=AlgorithmConfig(mini_batch_size=8, micro_batch_max_tokens=40, loss_agg=loss_agg),
+        algorithm=AlgorithmConfig(
+            mini_batch_size=mini_batch_size, micro_batch_max_tokens=40, loss_agg=loss_agg
+        ),
         optim=OptimConfig(lr=1e-2, weight_decay=0.0, warmup_steps=0, grad_clip=0.0),
         export_dir=str(out / "exported") if export else None,
         dtype="float64",  # not precision="64-true": ModelParallelStrategy (FSDP2) refuses it
@@ -244,6 +247,15 @@ def test_two_ddp_ranks_reproduce_the_one_rank_seq_mean_update(tiny: Path, tmp_pa
     """seq-mean-token-mean shares its row count over ranks the way token-mean shares its token count."""
     one = _fit(tiny, tmp_path / "one", devices=1, loss_agg="seq-mean-token-mean")[0]
     _assert_same_update(one, _fit(tiny, tmp_path / "two", devices=2, loss_agg="seq-mean-token-mean"))
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_ddp_ranks_reproduce_the_one_rank_on_policy_update(tiny: Path, tmp_path: Path) -> None:
+    """One mini-batch per rollout (16 responses): no separate old-log-prob pass; the loss pass's entropy and
+    engine-gap sums are reduced over ranks, so the logged metrics are the whole batch's as well."""
+    one = _fit(tiny, tmp_path / "one", devices=1, mini_batch_size=16)[0]
+    _assert_same_update(one, _fit(tiny, tmp_path / "two", devices=2, mini_batch_size=16))
 
 
 @pytest.mark.distributed

@@ -14,9 +14,10 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from dapo_pl.batch import MicroBatch, RolloutBatch
-from dapo_pl.module import AlgorithmConfig
+from dapo_pl.distributed import DataParallel
+from dapo_pl.module import AlgorithmConfig, DAPOModule
 from dapo_pl.objective import token_mean_denominator
-from dapo_pl.update import accumulate_gradients, cut_batch, score_old
+from dapo_pl.update import ScoreStats, accumulate_gradients, cut_batch, is_on_policy, score_old
 
 VOCAB = 24
 
@@ -153,6 +154,104 @@ def test_overlong_filtering_equals_dropping_truncated_responses() -> None:
     assert (unfiltered - filtered).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("chunk", [1, 5, 4096])
+def test_head_chunk_size_does_not_change_the_gradient(chunk: int) -> None:
+    """The partition of response tokens into head chunks is invisible, like the micro-batch partition."""
+    batch = _batch()
+    whole = _gradient(batch, AlgorithmConfig(micro_batch_max_tokens=10_000, logprob_chunk_tokens=4096))
+    torch.testing.assert_close(
+        _gradient(batch, AlgorithmConfig(micro_batch_max_tokens=24, logprob_chunk_tokens=chunk)),
+        whole, rtol=0, atol=1e-10,
+    )  # fmt: skip
+
+
+def _count_forwards(model: torch.nn.Module) -> list[int]:
+    calls = [0]
+    model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def _with_engine_logprobs(batch: RolloutBatch) -> RolloutBatch:
+    """Engine log-probs for every response (slightly off the trainer's), so the engine-gap metric is defined."""
+    g = torch.Generator().manual_seed(5)
+    lps = [
+        -torch.rand(len(s) - lp, generator=g)
+        for s, lp in zip(batch.sequences, batch.prompt_lengths, strict=True)
+    ]
+    return replace(batch, rollout_logprobs=lps)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_on_policy_update_skips_the_old_pass_with_the_same_gradient_and_metrics(agg: str) -> None:
+    """Separate old pass then loss pass, vs the loss pass alone taking its own detached log-probs as old: the
+    same gradient, the same entropy and engine-gap metrics, and half the policy forwards."""
+    batch = _with_engine_logprobs(_batch())
+    algo = AlgorithmConfig(micro_batch_max_tokens=24, kl_coef=0.0, loss_agg=agg)
+    grads, metrics, forwards = [], [], []
+    for on_policy in (False, True):
+        policy = _policy()
+        calls = _count_forwards(policy)
+        (mbs,) = cut_batch(batch, mini_batch_size=8, max_tokens=24, pad_id=0, overlong_filtering=False)
+        mbs = _cast(mbs)
+        stats = ScoreStats() if on_policy else None
+        scored = {} if on_policy else score_old(policy, mbs, batch.temperature)
+        num_tokens = token_mean_denominator([mb.loss_mask for mb in mbs]) if agg == "token-mean" else None
+        accumulate_gradients(policy, mbs, temperature=batch.temperature, algo=algo, num_tokens=num_tokens,
+                             backward=torch.Tensor.backward, on_policy_stats=stats)  # fmt: skip
+        grads.append(torch.cat([p.grad.flatten() for p in policy.parameters()]))
+        metrics.append(stats.metrics() if stats is not None else scored)
+        forwards.append(calls[0])
+    assert forwards == [2 * len(mbs), len(mbs)] and len(mbs) >= 3
+    assert grads[0].abs().max() > 1e-3
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-10)
+    assert metrics[0].keys() == metrics[1].keys() == {"train/entropy", "rollout/logprob_abs_diff_mean"}
+    for key in metrics[0]:
+        assert metrics[1][key] == pytest.approx(metrics[0][key], rel=1e-12), key
+
+
+def test_accumulate_without_old_logprobs_names_the_problem() -> None:
+    (mbs,) = cut_batch(_batch(), mini_batch_size=8, max_tokens=10_000, pad_id=0, overlong_filtering=False)
+    with pytest.raises(ValueError, match="no old_logprobs: call score_old first"):
+        accumulate_gradients(_policy(), _cast(mbs), temperature=1.0, algo=AlgorithmConfig(),
+                             num_tokens=None, backward=torch.Tensor.backward)  # fmt: skip
+
+
+def test_is_on_policy_needs_one_epoch_one_mini_batch_and_nothing_carried_over() -> None:
+    assert is_on_policy(1, 1, 0.0)
+    assert not is_on_policy(2, 1, 0.0) and not is_on_policy(1, 2, 0.0) and not is_on_policy(1, 1, 0.25)
+
+
+@pytest.mark.parametrize(
+    ("algo", "carried", "skipped"),
+    [
+        (AlgorithmConfig(mini_batch_size=8, micro_batch_max_tokens=24), 0.0, True),
+        (AlgorithmConfig(mini_batch_size=8, micro_batch_max_tokens=24, kl_coef=0.1), 0.0, True),
+        (AlgorithmConfig(mini_batch_size=8, micro_batch_max_tokens=24, ppo_epochs=2), 0.0, False),
+        (AlgorithmConfig(mini_batch_size=4, micro_batch_max_tokens=24), 0.0, False),
+        (AlgorithmConfig(mini_batch_size=8, micro_batch_max_tokens=24), 0.5, False),
+    ],
+)
+def test_module_prepare_skips_the_old_pass_only_when_on_policy(
+    algo: AlgorithmConfig, carried: float, skipped: bool
+) -> None:
+    """The module's wiring: no policy forward before the loss pass when on-policy; the reference pass (KL)
+    still runs; any second mini-batch, second epoch or carried-over group brings the old pass back."""
+    module = DAPOModule("unused", algorithm=algo)
+    module.policy = _policy()
+    module.ref_policy = _policy() if algo.kl_coef > 0 else None
+    policy_calls = _count_forwards(module.policy)
+    ref_calls = _count_forwards(module.ref_policy) if module.ref_policy is not None else [0]
+    batch = replace(_batch(), metrics={"train/carried_group_frac": carried})
+    metrics: dict[str, float] = {}
+    mini_batches, on_policy = module._prepare(batch, metrics, DataParallel())
+    num_micro = sum(len(mbs) for mbs in mini_batches)
+    assert on_policy == skipped
+    assert policy_calls[0] == (0 if skipped else num_micro)
+    assert ("train/entropy" in metrics) == (not skipped)
+    assert ref_calls[0] == (num_micro if algo.kl_coef > 0 else 0)
+    assert all((mb.ref_logprobs is not None) == (algo.kl_coef > 0) for mbs in mini_batches for mb in mbs)
+
+
 def test_algorithm_config_errors_name_the_problem() -> None:
     with pytest.raises(ValueError, match=r"algorithm.eps_high must be >= 0, got -0.1"):
         AlgorithmConfig(eps_high=-0.1)
@@ -162,3 +261,5 @@ def test_algorithm_config_errors_name_the_problem() -> None:
         replace(AlgorithmConfig(), loss_agg="sum")
     with pytest.raises(ValueError, match=r"clip_ratio_c"):
         AlgorithmConfig(clip_ratio_c=0.5)
+    with pytest.raises(ValueError, match=r"algorithm.logprob_chunk_tokens must be >= 1, got 0"):
+        AlgorithmConfig(logprob_chunk_tokens=0)
