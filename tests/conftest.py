@@ -6,9 +6,11 @@ import importlib.util
 import random
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,6 +30,36 @@ def load_tool(name: str):  # type: ignore[no-untyped-def]
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer() -> Any:
+    """The quickstart's character-level tokenizer (tools/make_quickstart.py)."""
+    return load_tool("make_quickstart").make_tokenizer()
+
+
+class LargestVocabRows(TorchDispatchMode):
+    """Records, over every op's output, the most rows of any tensor whose last dimension is ``vocab``, other than
+    the shapes in ``ignore`` (a head weight ``[V, H]``, its transpose, its gradient): to prove that no
+    ``[tokens, vocab]`` tensor is built. Use as a context manager; ``rows`` holds the result."""
+
+    def __init__(self, vocab: int, ignore: tuple[tuple[int, ...], ...] = ()) -> None:
+        super().__init__()
+        self.vocab, self.ignore, self.rows = vocab, ignore, 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else [out]:
+            if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[-1] == self.vocab:
+                if tuple(t.shape) not in self.ignore:
+                    self.rows = max(self.rows, t.numel() // self.vocab)
+        return out
+
+
+@pytest.fixture
+def largest_vocab_rows() -> type[LargestVocabRows]:
+    """:class:`LargestVocabRows`, for tests (conftest modules are not imported by name)."""
+    return LargestVocabRows
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from dapo_pl.batch import MicroBatch, RolloutBatch, padding_micro_batch
@@ -226,24 +225,7 @@ def test_padding_micro_batch_gives_zero_gradients_on_every_parameter() -> None:
     assert all(g is not None and torch.all(g == 0) for g in grads.values())
 
 
-class _LargestVocabRows(TorchDispatchMode):
-    """Records, over every op's output, the most rows of any tensor with a vocabulary-sized last dimension,
-    other than the head weight's own shapes (``ignore``: ``[V, H]``, its transpose and its gradient)."""
-
-    def __init__(self, vocab: int, ignore: tuple[tuple[int, ...], ...]) -> None:
-        super().__init__()
-        self.vocab, self.ignore, self.rows = vocab, ignore, 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, tuple | list) else [out]:
-            if isinstance(t, torch.Tensor) and t.dim() >= 1 and self.vocab in t.shape[-1:]:
-                if tuple(t.shape) not in self.ignore:
-                    self.rows = max(self.rows, t.numel() // self.vocab)
-        return out
-
-
-def test_no_tensor_larger_than_one_chunk_of_vocabulary_rows_exists() -> None:
+def test_no_tensor_larger_than_one_chunk_of_vocabulary_rows_exists(largest_vocab_rows: Any) -> None:
     """Forward and backward: every ``[*, V]`` tensor holds at most ``chunk`` rows (the full-logits path makes
     ``b x (L-1)`` rows). The vocabulary (61) is chosen to equal no other dimension of the model."""
     torch.manual_seed(0)
@@ -252,11 +234,11 @@ def test_no_tensor_larger_than_one_chunk_of_vocabulary_rows_exists() -> None:
     model = Qwen2ForCausalLM(cfg).double()
     mb = _micro_batch()
     weight_shapes = ((61, 32), (32, 61))
-    with _LargestVocabRows(61, weight_shapes) as seen:
+    with largest_vocab_rows(61, weight_shapes) as seen:
         lp, ent = score_tokens(model, mb, temperature=1.0, chunk_tokens=4)
         (lp.sum() + ent.sum()).backward()
     assert seen.rows == 4  # 14 response tokens, in chunks of 4
-    with _LargestVocabRows(61, weight_shapes) as full:
+    with largest_vocab_rows(61, weight_shapes) as full:
         forward_logits(model, mb)
     assert (
         full.rows == mb.input_ids.shape[0] * mb.input_ids.shape[1]
