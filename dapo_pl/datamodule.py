@@ -293,12 +293,15 @@ class DAPODataModule(L.LightningDataModule):
         if dp.distributed:
             buffers = [None] * dp.size
             torch.distributed.all_gather_object(buffers, mine)
+        return {**self.stream_state(), "buffers": buffers}
+
+    def stream_state(self) -> dict[str, Any]:
+        """The prompt stream and the training generation counter: the same on every rank."""
         return {
             "order": list(self._order),
             "cursor": self._cursor,
             "epoch": self._epoch,
             "gen_calls": self._gen_calls,
-            "buffers": buffers,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
