@@ -110,6 +110,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", default=str(REPO / "artifacts" / "bench_train"), help="models and data")
     p.add_argument("--out", help="also write the Markdown tables here")
     p.add_argument("--json", help="also write every raw result here")
+    p.add_argument(
+        "--tables-from", metavar="JSON", help="print the tables of a --json file again, run nothing"
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one run, spec JSON path
     p.add_argument("--result", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -443,6 +446,15 @@ def phase_means(results: list[dict[str, Any]], model: str, runner: str, long: in
     return {k: statistics.fmean(s[k] for s in steps) for k in keys} if steps else {}
 
 
+def direct_step_median(results: list[dict[str, Any]], model: str, runner: str, long: int) -> float | None:
+    """Median wall time of the long runs' steps after the first, timed inside the loop (a second estimate)."""
+    walls = []
+    for r in results:
+        if (r["model"], r["runner"], r["steps"]) == (model, runner, long) and "error" not in r:
+            walls += [s["wall"] for s in r["step_log"][1:]] if "step_log" in r else r["step_s"][1:]
+    return statistics.median(walls) if walls else None
+
+
 def _fmt_mb(value: float | None) -> str:
     return "-" if not value else f"{value:,.0f}"
 
@@ -450,16 +462,17 @@ def _fmt_mb(value: float | None) -> str:
 def speed_table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     batch = Workload().prompts_per_step * Workload().n
     lines = [
-        "| model | runner | s/step (median) | samples/s | TRL / this | rollout | reward | old-log-prob | update "
-        "| sync | gap | peak RSS MB (engine) | CUDA MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | runner | s/step (median) | samples/s | TRL / this | step wall, direct (TRL / this) | rollout "
+        "| reward | old-log-prob | update | sync | gap | peak RSS MB (engine) | CUDA MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model in args.models:
         trl = per_step_times(results, model, "trl", args.short, args.long)
+        trl_direct = direct_step_median(results, model, "trl", args.long)
         for runner in [*args.runners, *(["trl"] if args.peer == "trl" else [])]:
             times = per_step_times(results, model, runner, args.short, args.long)
             if not times:
-                lines.append(f"| {model} | {runner} | failed |" + " |" * 10)
+                lines.append(f"| {model} | {runner} | failed |" + " |" * 11)
                 continue
             sec = statistics.median(times)
             ratio = f"{statistics.median(trl) / sec:.2f}x" if trl and runner != "trl" else "-"
@@ -471,8 +484,12 @@ def speed_table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
             engine_rss = max(r.get("engine_peak_rss_mb", 0.0) for r in runs)
             cuda = max((r.get("cuda_peak_mb") or 0.0) for r in runs)
             spread = f"{sec:.3f} ({min(times):.3f}-{max(times):.3f})"
+            direct = direct_step_median(results, model, runner, args.long) or float("nan")
+            direct_cell = f"{direct:.3f}" + (
+                f" ({trl_direct / direct:.2f}x)" if trl_direct and runner != "trl" else ""
+            )
             lines.append(
-                f"| {model} | {runner} | {spread} | {batch / sec:.0f} | {ratio} | " + " | ".join(cells)
+                f"| {model} | {runner} | {spread} | {batch / sec:.0f} | {ratio} | {direct_cell} | " + " | ".join(cells)
                 + f" | {gap} | {_fmt_mb(rss)} ({_fmt_mb(engine_rss)}) | {_fmt_mb(cuda)} |"
             )  # fmt: skip
     return "\n".join(lines)
@@ -550,6 +567,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.memory and args.long <= args.short:
         raise SystemExit("--long must be larger than --short: the per-step time is their difference")
+    if args.tables_from:
+        results = json.loads(Path(args.tables_from).read_text())
+        print(memory_table(results, args) if args.memory else speed_table(results, args))
+        return 0
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     load0 = os.getloadavg()[0]

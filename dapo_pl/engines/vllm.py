@@ -40,7 +40,13 @@ import torch
 from torch import Tensor, nn
 
 from dapo_pl.engines.base import Completion, SamplingConfig
-from dapo_pl.engines.lora_sync import adapter_llm_kwargs, engine_param_meta, make_adapter_sync, uses_adapter
+from dapo_pl.engines.lora_sync import (
+    adapter_llm_kwargs,
+    engine_param_meta,
+    engine_versions,
+    make_adapter_sync,
+    uses_adapter,
+)
 from dapo_pl.engines.watchdog import EngineWatchdog, guarded
 from dapo_pl.lora import is_peft_model, merged_named_tensors
 
@@ -404,10 +410,12 @@ def named_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
         yield name.replace("_orig_mod.", ""), tensor
 
 
-def tensor_versions(model: nn.Module) -> dict[str, tuple[int, int]] | None:
+def tensor_versions(model: nn.Module) -> dict[str, tuple[int, ...]] | None:
     """``name -> (storage pointer, in-place version counter)`` of every tensor :func:`named_tensors` sends; None
     for sharded (DTensor) parameters, whose local shards are not seen from here (always pushed whole)."""
-    versions = {}
+    if is_peft_model(model):  # the engine gets merged base names, which change when their adapters do
+        return engine_versions(model)
+    versions: dict[str, tuple[int, ...]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         if callable(getattr(param, "full_tensor", None)):
             return None
@@ -423,7 +431,7 @@ def sync_unit(name: str) -> str:
 
 
 def changed_names(
-    before: dict[str, tuple[int, int]] | None, now: dict[str, tuple[int, int]] | None
+    before: dict[str, tuple[int, ...]] | None, now: dict[str, tuple[int, ...]] | None
 ) -> set[str] | None:
     """The tensor names to push: every name in a :func:`sync_unit` with a changed tensor. None: push everything
     (no record of the last push, a different set of tensors, or versions unknown); empty: nothing changed."""
