@@ -188,7 +188,7 @@ class VLLMEngine:
         self.num_syncs = 0
         self.last_sync_tensors = 0  # tensors sent by the last push
         self._model: nn.Module | None = None
-        self._pushed: dict[str, tuple[int, int]] | None = None  # tensor_versions at the last push
+        self._pushed: dict[str, tuple[int, ...]] | None = None  # tensor_versions at the last push
         self._pushed_id = 0  # id() of the module pushed last
         self._ipc_sender: Any = None
         self._ipc_module: nn.Module | None = None
