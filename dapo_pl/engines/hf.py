@@ -192,9 +192,15 @@ def sample(
     """
     n, steps, device = params.n, params.max_new_tokens, input_ids.device
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [P, Lp]
-    keep = {"logits_to_keep": 1} if _takes(model, "logits_to_keep") else {}  # only the last position's logits
+    last_only = (
+        {"logits_to_keep": 1} if _takes(model, "logits_to_keep") else {}
+    )  # only the last position's logits
     out = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True, **keep
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        use_cache=True,
+        **last_only,
     )
     cache = out.past_key_values
     if n > 1:
