@@ -13,6 +13,7 @@ What it does
 How to run
     python tools/bench_generation.py                                  # 16 prompts x 8, 32 new tokens
     python tools/bench_generation.py --layers 4 --hidden 128 --intermediate 384 --prompts 64 --max-new-tokens 64
+    python tools/bench_generation.py --model artifacts/quickstart/model     # trained: responses end at EOS
 
 How long
     Tens of seconds on 2 busy CPU cores with the defaults. The machines are shared: compare only the ratio of one
@@ -36,6 +37,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--model", help="a model folder with its tokenizer (e.g. artifacts/quickstart/model) instead"
+    )
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--intermediate", type=int, default=256)
@@ -96,8 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     from dapo_pl.engines import SamplingConfig
     from dapo_pl.engines.hf import TransformersEngine
 
-    tokenizer = _tokenizer()
-    model = _model(tokenizer, args)
+    if args.model:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    else:
+        tokenizer = _tokenizer()
+        model = _model(tokenizer, args)
     prompts = [
         tokenizer.encode(f"{a}+{b}=") for a, b in zip(range(3, 999, 37), range(11, 999, 53), strict=False)
     ]
@@ -122,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             tokens = fn(rep + 1)
             best[name] = max(best[name], tokens / (time.perf_counter() - t0))
-    print(f"model: {args.layers} layers, hidden {args.hidden}; {args.prompts} prompts x {args.n}, "
+    size = args.model or f"{args.layers} layers, hidden {args.hidden}"
+    print(f"model: {size}; {args.prompts} prompts x {args.n}, "
           f"{args.max_new_tokens} new tokens; best of {args.repeats}")  # fmt: skip
     print("| engine | tokens/s |\n|---|---|")
     for name, value in best.items():

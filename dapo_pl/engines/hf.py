@@ -13,6 +13,7 @@ rows are dropped), and the loop stops when every row is done. Memory for the log
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -191,8 +192,16 @@ def sample(
     """
     n, steps, device = params.n, params.max_new_tokens, input_ids.device
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [P, Lp]
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
-                logits_to_keep=1)  # fmt: skip
+    last_only = (
+        {"logits_to_keep": 1} if _takes(model, "logits_to_keep") else {}
+    )  # only the last position's logits
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        use_cache=True,
+        **last_only,
+    )
     cache = out.past_key_values
     if n > 1:
         cache.batch_repeat_interleave(
@@ -211,9 +220,8 @@ def sample(
     eos = torch.tensor(eos_ids, device=device)
     alive = torch.ones(batch, dtype=torch.bool, device=device)  # [B], indexed by original row
     for t in range(steps):
-        logp = torch.log_softmax(
-            rows.logits.to(dtype) / params.temperature, dim=-1
-        )  # [A, V], A rows in batch
+        # [A, V] over the A rows still in the batch
+        logp = torch.log_softmax(rows.logits.to(dtype) / params.temperature, dim=-1)
         live = alive[rows.index]  # [A]
         nxt = torch.where(live, draw(filtered_probs(logp, params.top_k, params.top_p)), pad_id)  # [A]
         tokens[rows.index, t] = nxt
@@ -252,6 +260,13 @@ def _step(model: nn.Module, rows: _Rows, last: Tensor, cache: Any) -> Tensor:
     out = model(input_ids=last.unsqueeze(-1), attention_mask=rows.mask, position_ids=rows.position,
                 past_key_values=cache, use_cache=True)  # fmt: skip
     return out.logits[:, -1]
+
+
+def _takes(model: nn.Module, name: str) -> bool:
+    """Whether ``model``'s forward accepts ``name`` (older or custom models may lack ``logits_to_keep``); wrappers
+    such as peft's pass ``**kwargs`` through to the model they wrap."""
+    params = inspect.signature(model.forward).parameters
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def _stopped(stop: Callable[[Tensor], bool] | None, tokens: Tensor, index: Tensor, t: int) -> Tensor:
