@@ -23,7 +23,8 @@ How to run
     the quickstart's model and data (``make quickstart``).
 
 How long
-    The chain miniature, 6 rows x 3 seeds: see docs/evaluation.md (measured wall time and load average).
+    The chain miniature, 6 rows x 3 seeds: ~50 s of CPU per fit; 49 min measured on 2 shared cores under a load
+    average of 15-33 (about 10 min expected on 2 idle cores with --jobs 2, not measured). docs/evaluation.md.
 """
 
 from __future__ import annotations
