@@ -247,6 +247,12 @@ def _draw_bands(ax: Any, groups: Sequence[Group], metric: str, colors: Sequence[
         lows = [p[1].low if p[1].low is not None else p[1].mean for p in points]
         highs = [p[1].high if p[1].high is not None else p[1].mean for p in points]
         ax.fill_between(steps, lows, highs, color=color, alpha=0.2, linewidth=0)
+        means = [p[1].mean for p in points]  # error bars too: a band over a single logged step has no width
+        yerr = [
+            [m - lo for m, lo in zip(means, lows, strict=True)],
+            [hi - m for m, hi in zip(means, highs, strict=True)],
+        ]
+        ax.errorbar(steps, means, yerr=yerr, fmt="none", ecolor=color, capsize=3, linewidth=1)
     ax.set_title(metric, fontsize=11)
     ax.set_xlabel("step")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

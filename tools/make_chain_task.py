@@ -205,33 +205,6 @@ def warm_start(model: Any, tokenizer: Any, recipe: ChainRecipe, exclude: set[str
 # ------------------------------------------------------------------------------------------ evaluate
 
 
-def generate(
-    model: Any, tokenizer: Any, prompts: Sequence[str], *, temperature: float, k: int, cap: int
-) -> list[list[tuple[str, bool]]]:
-    """``k`` responses per prompt as ``(text, ended_with_eos)`` (``temperature == 0``: greedy, ``k == 1``).
-
-    Shapes: prompts are left-padded to ``[P, Tp]``; ``generate`` returns ``[P * k, Tp + new]``.
-    """
-    import torch
-
-    enc = [tokenizer.encode(p) for p in prompts]
-    width = max(len(e) for e in enc)
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc])  # [P, Tp]
-    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])  # [P, Tp]
-    sampling = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else {}
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=cap, num_return_sequences=k,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, **sampling,
-        )  # fmt: skip
-    results = []
-    for row in out[:, width:].tolist():  # [P * k, new]
-        ended = tokenizer.eos_token_id in row
-        results.append((tokenizer.decode(row[: row.index(tokenizer.eos_token_id)] if ended else row), ended))
-    return [results[i * k : (i + 1) * k] for i in range(len(prompts))]
-
-
 def evaluate(
     model: Any, tokenizer: Any, rows: Sequence[dict[str, str]], recipe: ChainRecipe
 ) -> dict[str, float]:
@@ -241,8 +214,8 @@ def evaluate(
     torch.manual_seed(recipe.seed)
     prompts = [r["prompt"] for r in rows]
     cap = recipe.max_new_tokens
-    greedy = generate(model, tokenizer, prompts, temperature=0.0, k=1, cap=cap)
-    sampled = generate(model, tokenizer, prompts, temperature=1.0, k=EVAL_K, cap=cap)
+    greedy = mq.generate(model, tokenizer, prompts, temperature=0.0, k=1, cap=cap)
+    sampled = mq.generate(model, tokenizer, prompts, temperature=1.0, k=EVAL_K, cap=cap)
     right = [[mq.extract_answer(t) == r["answer"] for t, _ in s] for r, s in zip(rows, sampled, strict=True)]
     cut = [not ended for s in sampled for _, ended in s]
     return {

@@ -324,9 +324,16 @@ def extract_answer(text: str) -> str | None:
 
 
 def generate(
-    model: Any, tokenizer: Any, prompts: Sequence[str], *, temperature: float, k: int
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    temperature: float,
+    k: int,
+    cap: int = MAX_NEW_TOKENS,
 ) -> list[list[Any]]:
-    """``k`` responses per prompt (``temperature == 0``: greedy, k must be 1), as ``(text, ended_with_eos)``.
+    """``k`` responses per prompt (``temperature == 0``: greedy, k must be 1) of at most ``cap`` new tokens, as
+    ``(text, ended_with_eos)``.
 
     Shapes: prompts are left-padded to ``[P, Tp]``; ``generate`` returns ``[P * k, Tp + new]``.
     """
@@ -343,7 +350,7 @@ def generate(
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,
-            max_new_tokens=MAX_NEW_TOKENS,
+            max_new_tokens=cap,
             num_return_sequences=k,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=pad,

@@ -85,7 +85,9 @@ def test_two_groups_of_three_seeds_write_csv_markdown_and_banded_pngs(
         0.3 - 0.248414, abs=1e-6
     )
     fig = plot_group_metric(result.groups, "val/acc_avg_at_4")
-    filled = [c for c in fig.axes[0].collections if c.get_paths()]  # one fill_between band per group
+    from matplotlib.collections import PolyCollection
+
+    filled = [c for c in fig.axes[0].collections if isinstance(c, PolyCollection)]  # one band per group
     assert len(filled) == 2
 
 
