@@ -31,7 +31,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -359,17 +359,17 @@ def plot_metric(runs: Sequence[RunData], metric: str) -> Any:
     return fig
 
 
-def plot_grid(runs: Sequence[RunData], metrics: Sequence[str]) -> Any:
-    """All metrics in a grid with one legend (run names) above it."""
+def metric_grid(metrics: Sequence[str], draw: Callable[[Any, str], None]) -> Any:
+    """A figure with one axis per metric (``draw(ax, metric)`` fills it) and one legend above the grid, made of
+    the labels of every axis (a curve missing from the first metric still gets its entry)."""
     from matplotlib.figure import Figure
 
     ncols = 1 if len(metrics) == 1 else 2 if len(metrics) <= 4 else 3
     nrows = math.ceil(len(metrics) / ncols)
     fig = Figure(figsize=(5.2 * ncols, 3.6 * nrows + 0.6), dpi=110, layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    colors = _colors(len(runs))
     for ax, metric in zip(axes, metrics, strict=False):
-        _draw(ax, runs, metric, colors)
+        draw(ax, metric)
     for ax in axes[len(metrics) :]:
         ax.set_visible(False)
     handles, labels = [], []
@@ -378,8 +378,14 @@ def plot_grid(runs: Sequence[RunData], metrics: Sequence[str]) -> Any:
             if label not in labels:
                 handles.append(h)
                 labels.append(label)
-    fig.legend(handles, labels, loc="outside upper center", ncols=min(len(labels), 3), fontsize=10)
+    fig.legend(handles, labels, loc="outside upper center", ncols=min(len(labels), 3) or 1, fontsize=10)
     return fig
+
+
+def plot_grid(runs: Sequence[RunData], metrics: Sequence[str]) -> Any:
+    """All metrics in a grid with one legend (run names) above it."""
+    colors = _colors(len(runs))
+    return metric_grid(metrics, lambda ax, metric: _draw(ax, runs, metric, colors))
 
 
 @dataclass(frozen=True)

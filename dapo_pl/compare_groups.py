@@ -34,6 +34,7 @@ from dapo_pl.compare import (
     _md_table,
     final_and_best,
     metric_filename,
+    metric_grid,
 )
 
 _SEED_SUFFIX = re.compile(r"[-_](?:s|seed)\d+$")
@@ -272,20 +273,9 @@ def plot_group_metric(groups: Sequence[Group], metric: str) -> Any:
 
 
 def plot_group_grid(groups: Sequence[Group], metrics: Sequence[str]) -> Any:
-    from matplotlib.figure import Figure
-
-    ncols = 1 if len(metrics) == 1 else 2 if len(metrics) <= 4 else 3
-    nrows = math.ceil(len(metrics) / ncols)
-    fig = Figure(figsize=(5.2 * ncols, 3.6 * nrows + 0.6), dpi=110, layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    """All metrics in a grid, each group's mean curve and band, one legend (group names) above it."""
     colors = _colors(len(groups))
-    for ax, metric in zip(axes, metrics, strict=False):
-        _draw_bands(ax, groups, metric, colors)
-    for ax in axes[len(metrics) :]:
-        ax.set_visible(False)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside upper center", ncols=min(len(labels), 3) or 1, fontsize=10)
-    return fig
+    return metric_grid(metrics, lambda ax, metric: _draw_bands(ax, groups, metric, colors))
 
 
 def write_grouped(
