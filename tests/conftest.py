@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from tool_loading import load_tool
 from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,17 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 def _fixed_seeds() -> None:
     random.seed(0)
     torch.manual_seed(0)
-
-
-def load_tool(name: str):  # type: ignore[no-untyped-def]
-    """Import ``tools/<name>.py`` as a module (tools/ is not a package)."""
-    path = REPO / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"dapo_tools_{name}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,7 @@ _REFERENCE: dict[str, Path] = {}
 def build_model(root: Path) -> Path:
     """The quickstart model with enough supervised warm-up that groups with mixed answers, and so carry-over,
     happen in the first steps (the shared ``quickstart_dir`` model is right too rarely for that)."""
-    from conftest import load_tool
+    from tool_loading import load_tool
 
     out = root / "quickstart_resume"
     load_tool("make_quickstart").build(out, sft_steps=250, seed=0)

