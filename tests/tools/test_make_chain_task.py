@@ -3,27 +3,14 @@ steps) that the ablation's rows can load (model folder, data, report)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-import sys
 from pathlib import Path
 
 import pytest
+from tool_loading import load_tool
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "make_chain_task.py"
-
-
-def _load_tool():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("make_chain_task", TOOL)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-mc = _load_tool()
+mc = load_tool("make_chain_task")
 
 
 def test_worked_solution_hand_worked() -> None:

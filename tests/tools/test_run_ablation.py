@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
+
+from tool_loading import load_tool
 
 from dapo_pl.compare import RunData
 from dapo_pl.compare_groups import group_key, make_groups, write_group_markdown
 
 REPO = Path(__file__).resolve().parents[2]
-TOOL = REPO / "tools" / "run_ablation.py"
 
 
-def _load_tool():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("run_ablation", TOOL)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ra = _load_tool()
+ra = load_tool("run_ablation")
 
 
 def _run(name: str, final: float) -> RunData:
