@@ -28,6 +28,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from dapo_pl.attention import choose_implementation
 from dapo_pl.batch import MicroBatch, RolloutBatch, padding_micro_batch
 from dapo_pl.checkpoint import restore_rng_states, rng_states
 from dapo_pl.data import check_model_source
@@ -228,6 +229,9 @@ class DAPOModule(L.LightningModule):
             (with ``peft``: an adapter folder, or a merged model with ``peft.export_merged``).
         peft: train LoRA adapters (``peft``) on a frozen base instead of all weights (None: full fine-tuning).
             Checkpoints then hold the adapters only; the KL reference is the base with adapters disabled.
+        attn_implementation: transformers' ``attn_implementation`` for the policy (``sdpa``, ``eager``,
+            ``flash_attention_2``, ...). None: ``dapo_sdpa`` for models with grouped key/value heads (``sdpa``
+            without copying the K/V heads on CPU; :mod:`dapo_pl.attention`), else transformers' default.
     """
 
     def __init__(
@@ -239,6 +243,7 @@ class DAPOModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         export_dir: str | None = None,
         peft: LoRAConfig | None = None,
+        attn_implementation: str | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -249,6 +254,7 @@ class DAPOModule(L.LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.export_dir = export_dir
         self.peft = peft
+        self.attn_implementation = attn_implementation
         self.policy: torch.nn.Module | None = None
         self.ref_policy: torch.nn.Module | None = None
         self.pad_id = 0
@@ -261,11 +267,12 @@ class DAPOModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         dtype = getattr(torch, self.dtype_name)
         source = check_model_source(self.model_name_or_path)
-        self.policy = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        attn = choose_implementation(self.attn_implementation, AutoConfig.from_pretrained(source))
+        self.policy = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn)
         self.policy.train()  # from_pretrained returns eval mode
         if self.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
@@ -280,7 +287,9 @@ class DAPOModule(L.LightningModule):
             if self.algo.kl_coef > 0:
                 self.ref_policy = AdapterDisabled(self.policy)  # the base itself, not a second copy
         elif self.algo.kl_coef > 0:
-            self.ref_policy = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            self.ref_policy = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, attn_implementation=attn
+            )
             self.ref_policy.requires_grad_(False).train(False)
         mesh = self.device_mesh  # set by ModelParallelStrategy (FSDP2), else None
         if mesh is not None:

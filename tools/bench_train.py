@@ -14,7 +14,10 @@ What it does
     constant, AdamW without weight decay, clip norm 1, one optimizer step per rollout, dynamic sampling off,
     truncated responses masked (TRL: ``mask_truncated_completions``), DAPO loss (token-mean, eps 0.2 / 0.28),
     no KL. TRL runs in its own virtualenv (``artifacts/venv-trl``, created on first use: torch 2.13.0 CPU, then
-    TRL 1.16; it is not a dapo-pl dependency). Every process gets ``OMP_WAIT_POLICY=PASSIVE``.
+    TRL 1.16; it is not a dapo-pl dependency). ``--omp-wait-policy`` sets ``OMP_WAIT_POLICY`` for every runner
+    alike: ``unset`` (the default: libgomp spins briefly, then sleeps; what a user's process gets) or
+    ``passive``/``active``. Runs are sequential, so no two runners share the cores; vLLM's engine processes get
+    ``PASSIVE`` from dapo-pl itself unless the variable is set.
 
     Memory mode (``--memory``). A 1-layer Qwen2 (hidden 64) at each vocabulary of ``--vocabs`` and each
     ``micro_batch_max_tokens`` of ``--tokens``: 8 prompts x 8 responses x 128 new tokens, transformers engine,
@@ -103,6 +106,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--short", type=int, default=2, help="steps of the short run")
     p.add_argument("--long", type=int, default=6, help="steps of the long run")
     p.add_argument("--repeats", type=int, default=2, help="short/long pairs per runner")
+    p.add_argument(
+        "--omp-wait-policy", choices=["unset", "passive", "active"], default="unset",
+        help="OMP_WAIT_POLICY of every runner's process (unset: libgomp's default)",
+    )  # fmt: skip
     p.add_argument("--memory", action="store_true", help="memory mode: sweep vocabulary x micro-batch tokens")
     p.add_argument("--vocabs", nargs="+", type=int, default=[8192, 32768, 65536, 152064])
     p.add_argument("--tokens", nargs="+", type=int, default=[2048, 4096, 8192])
@@ -361,9 +368,11 @@ class MemoryCgroup:
             pass
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(omp_wait_policy: str = "unset") -> dict[str, str]:
     env = dict(os.environ)
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # processes share 2 cores: no spinning OpenMP threads
+    env.pop("OMP_WAIT_POLICY", None)
+    if omp_wait_policy != "unset":
+        env["OMP_WAIT_POLICY"] = omp_wait_policy.upper()
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
@@ -381,7 +390,11 @@ def run_process(runner: str, spec: dict[str, Any], tmp: Path, cgroup: MemoryCgro
     else:
         cmd = [sys.executable, __file__, "--worker", str(spec_path), "--result", str(result_path)]
     proc = subprocess.run(
-        cmd, env=_child_env(), capture_output=True, text=True, preexec_fn=cgroup.enter if cgroup else None
+        cmd,
+        env=_child_env(spec.get("omp_wait_policy", "unset")),
+        capture_output=True,
+        text=True,
+        preexec_fn=cgroup.enter if cgroup else None,
     )
     if proc.returncode != 0 or not result_path.exists():
         tail = (proc.stdout + proc.stderr)[-3000:]
@@ -404,7 +417,7 @@ def speed_runs(args: argparse.Namespace, work: Path, tmp: Path) -> list[dict[str
                 for runner in runners:
                     engine = runner.removeprefix("ours-")
                     spec = {**asdict(Workload()), "model": str(model), "prompts": str(prompts)}
-                    spec.update(steps=steps, engine=engine)
+                    spec.update(steps=steps, engine=engine, omp_wait_policy=args.omp_wait_policy)
                     t0 = time.perf_counter()
                     res = run_process(runner, spec, tmp)
                     print(
@@ -551,7 +564,8 @@ def _header(args: argparse.Namespace, load: tuple[float, float], argv: list[str]
     else:
         what += (
             f"; 16 prompts x 8 responses, 32 new tokens; per step = (loop of {args.long} steps - loop of "
-            f"{args.short}) / {args.long - args.short}, median of {args.repeats} interleaved repeats"
+            f"{args.short}) / {args.long - args.short}, median of {args.repeats} interleaved repeats; "
+            f"OMP_WAIT_POLICY {args.omp_wait_policy}"
         )
     return (
         f"Models: {what}. {os.cpu_count()} CPU cores, load average {load[0]:.1f} before, {load[1]:.1f} after.\n"

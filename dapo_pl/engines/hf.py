@@ -20,8 +20,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers.cache_utils import DynamicLayer
 
 from dapo_pl.engines.base import Completion, SamplingConfig
+
+FIRST_CAPACITY = 256  # response positions the KV-cache buffers hold before their first doubling
 
 
 class TransformersEngine:
@@ -202,11 +205,8 @@ def sample(
         use_cache=True,
         **last_only,
     )
-    cache = out.past_key_values
-    if n > 1:
-        cache.batch_repeat_interleave(
-            n
-        )  # each prompt is encoded once; its n samples share a copy of its cache
+    # Each prompt is encoded once; its n samples get a copy of its cache, in buffers that grow by doubling.
+    cache = preallocate(out.past_key_values, n, input_ids.shape[1] + min(steps, FIRST_CAPACITY))
     rows = _Rows(
         logits=out.logits[:, -1].repeat_interleave(n, dim=0),  # [B, V]
         mask=attention_mask.repeat_interleave(n, dim=0),  # [B, Lp]
@@ -235,6 +235,75 @@ def sample(
             rows, nxt = rows.select(keep, cache), nxt[keep]
         rows.logits = _step(model, rows, nxt, cache)
     return tokens, logprobs
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A full-attention KV-cache layer whose keys and values live in preallocated buffers.
+
+    transformers' ``DynamicLayer`` appends each new token with ``torch.cat``, copying the whole cache of every layer
+    at every step: quadratic in the response length (17% of a sampling step of the ~9.5M benchmark model on CPU at
+    32 tokens). Here each step writes one position and ``keys``/``values`` are views of the filled part; a write
+    past the capacity doubles the buffers (amortised linear), so memory follows the longest live row, not
+    ``max_new_tokens`` up front.
+
+    Shapes: buffers ``[B, H_kv, capacity, D]``; ``keys``/``values`` ``[B, H_kv, length, D]``.
+    """
+
+    def __init__(self, keys: Tensor, values: Tensor, capacity: int) -> None:
+        super().__init__()
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self.length = keys.shape[-2]
+        shape = (*keys.shape[:2], max(capacity, self.length), keys.shape[-1])
+        self._keys, self._values = keys.new_empty(shape), values.new_empty(shape)
+        self._keys[:, :, : self.length], self._values[:, :, : self.length] = keys, values
+        self._view()
+
+    def _view(self) -> tuple[Tensor, Tensor]:
+        keys, values = self._keys[:, :, : self.length], self._values[:, :, : self.length]
+        self.keys, self.values = keys, values
+        return keys, values
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        end = self.length + key_states.shape[-2]
+        if end > self._keys.shape[-2]:
+            self._keys = torch.cat([self._keys, torch.empty_like(self._keys)], dim=-2)
+            self._values = torch.cat([self._values, torch.empty_like(self._values)], dim=-2)
+        self._keys[:, :, self.length : end], self._values[:, :, self.length : end] = key_states, value_states
+        self.length = end
+        return self._view()
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._keys, self._values = self._keys[indices], self._values[indices]
+        self._view()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._keys = self._keys.repeat_interleave(repeats, dim=0)
+        self._values = self._values.repeat_interleave(repeats, dim=0)
+        self._view()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("PreallocatedLayer is for sampling only")
+
+
+def preallocate(cache: Any, repeats: int, capacity: int) -> Any:
+    """``cache`` (a prefill's ``DynamicCache``) with each batch row repeated ``repeats`` times, its full-attention
+    layers moved into :class:`PreallocatedLayer` buffers of ``capacity`` positions (other layer kinds, e.g.
+    sliding-window ones, are only repeated)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:  # not a layered cache: leave it to transformers
+        if repeats > 1:
+            cache.batch_repeat_interleave(repeats)
+        return cache
+    for i, layer in enumerate(layers):
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if type(layer) is DynamicLayer and keys is not None and values is not None:
+            repeated = keys.repeat_interleave(repeats, dim=0), values.repeat_interleave(repeats, dim=0)
+            layers[i] = PreallocatedLayer(*repeated, capacity)
+        elif repeats > 1:
+            layer.batch_repeat_interleave(repeats)
+    return cache
 
 
 @dataclass

@@ -17,6 +17,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from dapo_pl.batch import RolloutBatch
+from dapo_pl.engines import hf
 from dapo_pl.engines.base import Completion, SamplingConfig
 from dapo_pl.engines.hf import TransformersEngine, filtered_probs
 from dapo_pl.update import cut_batch, score_old
@@ -27,15 +28,22 @@ def tokenizer(char_tokenizer: Any) -> Any:
     return char_tokenizer
 
 
-def _model(tokenizer: Any, dtype: torch.dtype = torch.float64, eos_bias: float = 0.0) -> torch.nn.Module:
-    """2 layers, hidden 32, untied head; ``eos_bias`` raises the EOS logit so that responses end early."""
+def _model(
+    tokenizer: Any,
+    dtype: torch.dtype = torch.float64,
+    eos_bias: float = 0.0,
+    kv_heads: int = 2,
+    attn: str = "sdpa",
+) -> torch.nn.Module:
+    """2 layers, hidden 32, 2 heads (of 16: head dim 16), ``kv_heads`` key/value heads (1: grouped-query attention),
+    untied head, attention ``attn``; ``eos_bias`` raises the EOS logit so that responses end early."""
     torch.manual_seed(0)
     cfg = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+        num_key_value_heads=kv_heads, max_position_embeddings=128, tie_word_embeddings=False,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
-    model = Qwen2ForCausalLM(cfg).to(dtype)
+    model = Qwen2ForCausalLM._from_config(cfg, attn_implementation=attn).to(dtype)
     if eos_bias:
         with torch.no_grad():
             model.lm_head.weight[tokenizer.eos_token_id] = eos_bias * model.model.norm.weight
@@ -123,6 +131,67 @@ def test_logprobs_equal_the_trainers_for_the_same_tokens(
     trainer, engine = _trainer_logprobs(model, prompts, groups, temperature)
     assert trainer.numel() == sum(len(c.token_ids) for c in _flat(groups))
     torch.testing.assert_close(engine, trainer, rtol=0, atol=1e-10)
+
+
+def test_grouped_heads_logprobs_equal_transformers_sdpa_trainers(tokenizer: Any) -> None:
+    """Grouped-query attention through ``dapo_sdpa`` (no K/V head copies) in the sampling loop (left-padded
+    prompts, one query over the preallocated cache) equals the trainer's pass with transformers' own ``sdpa``
+    (K/V heads repeated). Float64 (transformers' ``eager`` takes its softmax in float32, so it is no reference)."""
+    from dapo_pl.attention import register
+
+    model = _model(tokenizer, kv_heads=1, attn=register(), eos_bias=0.3)
+    prompts = _prompts(tokenizer)
+    groups = _engine(tokenizer, model).generate(prompts, SamplingConfig(n=4, max_new_tokens=10), seed=3)
+    reference = _model(tokenizer, kv_heads=1, attn="sdpa", eos_bias=0.3)
+    trainer, engine = _trainer_logprobs(reference, prompts, groups, 1.0)
+    torch.testing.assert_close(engine, trainer, rtol=0, atol=1e-10)
+
+
+def test_the_preallocated_cache_samples_exactly_as_transformers_own(
+    tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Float64, responses that end early (rows leave the cache) and a first capacity of 2 positions (the buffers
+    double three times): the same tokens and log-probs as with transformers' ``DynamicCache``."""
+    model = _model(tokenizer, eos_bias=0.3)
+    prompts, params = _prompts(tokenizer), SamplingConfig(n=4, max_new_tokens=12)
+    monkeypatch.setattr(hf, "FIRST_CAPACITY", 2)
+    writes: list[int] = []
+    update = hf.PreallocatedLayer.update
+    monkeypatch.setattr(
+        hf.PreallocatedLayer, "update", lambda self, k, v, *a: writes.append(1) or update(self, k, v)
+    )
+    ours = _flat(_engine(tokenizer, model).generate(prompts, params, seed=0))
+    assert writes and any(len(c.token_ids) < 12 for c in ours) and any(c.truncated for c in ours)
+
+    def transformers_cache(cache: Any, repeats: int, capacity: int) -> Any:
+        cache.batch_repeat_interleave(repeats)
+        return cache
+
+    monkeypatch.setattr(hf, "preallocate", transformers_cache)
+    theirs = _flat(_engine(tokenizer, model).generate(prompts, params, seed=0))
+    assert [c.token_ids for c in ours] == [c.token_ids for c in theirs]
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-12)
+
+
+def test_preallocated_layer_hand_worked() -> None:
+    """Keys ``[B=2, H=1, L, D=1]``: the views hold exactly what ``torch.cat`` would, through a doubling, a row
+    selection and a repeat."""
+    keys = torch.tensor([[[[1.0], [2.0]]], [[[3.0], [4.0]]]])  # [2, 1, 2, 1]
+    layer = hf.PreallocatedLayer(keys, -keys, capacity=3)
+    assert layer.get_seq_length() == 2 and layer._keys.shape[-2] == 3
+    k, v = layer.update(torch.tensor([[[[5.0]]], [[[6.0]]]]), torch.tensor([[[[-5.0]]], [[[-6.0]]]]))
+    assert k[:, 0, :, 0].tolist() == [[1, 2, 5], [3, 4, 6]] and torch.equal(v, -k)
+    layer.update(
+        torch.tensor([[[[7.0]]], [[[8.0]]]]), torch.tensor([[[[-7.0]]], [[[-8.0]]]])
+    )  # past capacity 3
+    assert layer._keys.shape[-2] == 6 and layer.keys[:, 0, :, 0].tolist() == [[1, 2, 5, 7], [3, 4, 6, 8]]
+    layer.batch_select_indices(torch.tensor([1]))
+    layer.batch_repeat_interleave(2)
+    assert layer.keys[:, 0, :, 0].tolist() == [[3, 4, 6, 8], [3, 4, 6, 8]] and torch.equal(
+        layer.values, -layer.keys
+    )
+    assert layer.get_seq_length() == 4
 
 
 def test_top_k_and_top_p_restrict_the_sampled_tokens(tokenizer: Any) -> None:
