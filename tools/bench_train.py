@@ -107,6 +107,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--long", type=int, default=6, help="steps of the long run")
     p.add_argument("--repeats", type=int, default=2, help="short/long pairs per runner")
     p.add_argument(
+        "--gradient-checkpointing", action="store_true",
+        help="both sides recompute activations in the backward (TRL's GRPOConfig default; off: dapo-pl's)",
+    )  # fmt: skip
+    p.add_argument(
         "--omp-wait-policy", choices=["unset", "passive", "active"], default="unset",
         help="OMP_WAIT_POLICY of every runner's process (unset: libgomp's default)",
     )  # fmt: skip
@@ -266,7 +270,10 @@ def _build_ours(spec: dict[str, Any]) -> tuple[Any, Any]:
         micro_batch_max_tokens=spec["micro_batch_max_tokens"],
     )  # fmt: skip
     optim = OptimConfig(lr=spec["lr"], weight_decay=0.0, warmup_steps=0, grad_clip=1.0)
-    module = DAPOModule(spec["model"], algorithm=algo, optim=optim, dtype="float32")
+    module = DAPOModule(
+        spec["model"], algorithm=algo, optim=optim, dtype="float32",
+        gradient_checkpointing=spec.get("gradient_checkpointing", False),
+    )  # fmt: skip
     rollout = SamplingConfig(
         n=spec["n"], temperature=spec["temperature"], max_new_tokens=spec["max_new_tokens"]
     )
@@ -418,6 +425,7 @@ def speed_runs(args: argparse.Namespace, work: Path, tmp: Path) -> list[dict[str
                     engine = runner.removeprefix("ours-")
                     spec = {**asdict(Workload()), "model": str(model), "prompts": str(prompts)}
                     spec.update(steps=steps, engine=engine, omp_wait_policy=args.omp_wait_policy)
+                    spec.update(gradient_checkpointing=args.gradient_checkpointing)
                     t0 = time.perf_counter()
                     res = run_process(runner, spec, tmp)
                     print(
@@ -565,7 +573,8 @@ def _header(args: argparse.Namespace, load: tuple[float, float], argv: list[str]
         what += (
             f"; 16 prompts x 8 responses, 32 new tokens; per step = (loop of {args.long} steps - loop of "
             f"{args.short}) / {args.long - args.short}, median of {args.repeats} interleaved repeats; "
-            f"OMP_WAIT_POLICY {args.omp_wait_policy}"
+            f"OMP_WAIT_POLICY {args.omp_wait_policy}; gradient checkpointing "
+            f"{'on' if args.gradient_checkpointing else 'off'} on both sides"
         )
     return (
         f"Models: {what}. {os.cpu_count()} CPU cores, load average {load[0]:.1f} before, {load[1]:.1f} after.\n"

@@ -8,7 +8,9 @@ The loop (:func:`sample`) replaces ``model.generate``, whose per-token overhead 
 stopping criteria, re-built inputs) dominates on small models and whose ``output_logits`` keep ``[P*n, T, V]``
 float logits for the log-probs. Here each prompt is prefilled once (its cache then copied to its ``n`` samples),
 each step keeps only the sampled token and its log-prob (``[P*n]``), finished rows leave the batch (their cache
-rows are dropped), and the loop stops when every row is done. Memory for the logits: one ``[P*n, V]`` step.
+rows are dropped), and the loop stops when every row is done. Memory for the logits: one ``[P*n, V]`` step. The KV
+cache of full-attention layers lives in preallocated buffers that grow by doubling (:class:`PreallocatedLayer`),
+not in transformers' per-token ``torch.cat`` of the whole cache.
 """
 
 from __future__ import annotations
