@@ -14,11 +14,11 @@ quickstart: setup
 
 ## The whole test suite, slow end-to-end tests included (what CI runs).
 test: setup
-	$(PY) -m pytest -m "not unstable"
+	$(PY) -m pytest
 
 ## Skip the slow end-to-end tests.
 test-fast: setup
-	$(PY) -m pytest -m "not slow and not unstable"
+	$(PY) -m pytest -m "not slow"
 
 lint: setup
 	.venv/bin/ruff check dapo_pl verifiers tests tools

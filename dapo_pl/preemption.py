@@ -23,8 +23,13 @@ import lightning as L
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class PreemptedFit(Exception):
-    """A fit stopped by SIGTERM/SIGINT (``signum``)."""
+class PreemptedFit(BaseException):
+    """A fit stopped by SIGTERM/SIGINT (``signum``).
+
+    A ``BaseException``, like ``KeyboardInterrupt``: the signal handler raises it wherever the main thread is, and
+    the ``except Exception`` guards on that path (a verifier call's, which counts a plugin's exceptions as wrong
+    answers; best-effort logging) must let it through.
+    """
 
     signum: int
 

@@ -1,12 +1,17 @@
 """Real ``dapo-pl fit`` subprocesses on the shipped quickstart settings, for the resume and preemption tests.
 
-The settings are ``configs/quickstart.yaml`` (8 responses per prompt, dynamic sampling with carry-over,
-overlong shaping, validation on, the transformers engine) with a shorter horizon (``MAX_STEPS`` steps, validation
-and a checkpoint every ``EVERY`` steps, 32 validation prompts) and smaller steps: 4 groups per step drawn from
-generation batches of 16 prompts (mini-batch = the 32 responses). The model of :func:`build_model` is trained
-less than the shipped one (250 supervised steps instead of 1600, to build in a minute): it is right about 2% of the
-time, so with 16 groups per step no generation batch would keep more groups than needed, and nothing would ever be
-carried over; with 4 per step, surplus groups are carried over in most steps.
+The settings are ``configs/quickstart.yaml`` as shipped (16 prompts x 8 responses per step, generation batches of
+16 prompts, one mini-batch of the 128 responses, dynamic sampling with carry-over, overlong shaping, validation
+on, the transformers engine). Departures, to keep the tests short:
+
+- a shorter horizon: ``MAX_STEPS`` steps, validation and a checkpoint every ``EVERY`` steps, 32 validation prompts;
+- the model of :func:`build_model` has ``SFT_STEPS`` (500) supervised warm-up steps instead of 1600 (it builds in
+  about a minute, a third of the shipped build). Its answers are right about 10% of the time at T=1 and **about
+  40% of its groups have mixed answers** (measured over 256 training prompts x 8 samples), so a step needs 2-4
+  generation batches of 16 prompts to keep its 16 groups and the last one usually overshoots: surplus groups
+  were carried over after about 3 steps in 4 (measured over ``seed_everything`` 0-5; the first step that trained
+  on carried-over groups was step 2 or 3 in each). With 250 warm-up steps only ~12% of groups are mixed: on
+  these settings 4 generation batches would rarely keep 16 groups, and nothing would be carried over.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +31,19 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 MAX_STEPS = 6
 EVERY = 2
+SFT_STEPS = 500
 # Wall-clock metrics differ between any two runs; system metrics are sampled by a clock.
 CLOCK_METRICS = ("time/", "system/")
 _REFERENCE: dict[str, Path] = {}
 
 
 def build_model(root: Path) -> Path:
-    """The quickstart model with enough supervised warm-up that groups with mixed answers, and so carry-over,
-    happen in the first steps (the shared ``quickstart_dir`` model is right too rarely for that)."""
+    """The quickstart model with enough supervised warm-up (``SFT_STEPS``) that most groups have mixed answers,
+    so surplus groups are carried over in most steps (the shared ``quickstart_dir`` model is right too rarely)."""
     from tool_loading import load_tool
 
     out = root / "quickstart_resume"
-    load_tool("make_quickstart").build(out, sft_steps=250, seed=0)
+    load_tool("make_quickstart").build(out, sft_steps=SFT_STEPS, seed=0)
     return out
 
 
@@ -49,19 +56,20 @@ def resume_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def fit_args(
     workdir: Path, qs: Path, *extra: str, ckpt_dir: str = "checkpoints", ckpt_every: int = EVERY
 ) -> list[str]:
+    # save_top_k -1 keeps every checkpoint (Lightning's default 1 removes the previous one at each save).
     extra_yaml = workdir / "checkpoints.yaml"
     extra_yaml.write_text(
         "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
-        f"      init_args: {{dirpath: '{ckpt_dir}', every_n_train_steps: {ckpt_every}, save_last: true}}\n",
+        f"      init_args: {{dirpath: '{ckpt_dir}', every_n_train_steps: {ckpt_every}, save_last: true, "
+        "save_top_k: -1}\n",
         encoding="utf-8",
     )
     return [
         sys.executable, "-m", "dapo_pl", "fit", "--config", str(REPO / "configs" / "quickstart.yaml"),
         "--config", str(extra_yaml), "--model.model_name_or_path", str(qs / "model"),
         "--data.train.path", str(qs / "data" / "train.jsonl"), "--data.val.path", str(qs / "data" / "val.jsonl"),
-        "--data.val.limit", "32", "--trainer.max_steps", str(MAX_STEPS), "--data.prompts_per_step", "4",
-        "--data.dynamic_sampling.gen_batch_prompts", "16", "--model.algorithm.mini_batch_size", "32",
-        "--trainer.val_check_interval", str(EVERY), "--model.export_dir", str(workdir / "exported"), *extra,
+        "--data.val.limit", "32", "--trainer.max_steps", str(MAX_STEPS), "--trainer.val_check_interval", str(EVERY),
+        "--model.export_dir", str(workdir / "exported"), *extra,
     ]  # fmt: skip
 
 
@@ -74,11 +82,11 @@ def env(workdir: Path) -> dict[str, str]:
 
 
 def run_fit(
-    workdir: Path, qs: Path, *extra: str, ckpt_dir: str = "checkpoints"
+    workdir: Path, qs: Path, *extra: str, ckpt_dir: str = "checkpoints", ckpt_every: int = EVERY
 ) -> subprocess.CompletedProcess[str]:
     workdir.mkdir(parents=True, exist_ok=True)
     return subprocess.run(
-        fit_args(workdir, qs, *extra, ckpt_dir=ckpt_dir),
+        fit_args(workdir, qs, *extra, ckpt_dir=ckpt_dir, ckpt_every=ckpt_every),
         cwd=workdir,
         env=env(workdir),
         capture_output=True,
@@ -144,13 +152,20 @@ def logged_step(workdir: Path) -> int:
         return -1
 
 
+def wait_until(
+    proc: subprocess.Popen[str], workdir: Path, done: Callable[[], bool], what: str, timeout: float = 600
+) -> None:
+    """Block until ``done()``, asserting that the fit is still running meanwhile."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert proc.poll() is None, (workdir / "stderr.txt").read_text()[-3000:]
+        assert time.monotonic() < deadline, f"{what} not reached in {timeout} s"
+        time.sleep(0.2)
+
+
 def wait_for_step(proc: subprocess.Popen[str], workdir: Path, step: int, timeout: float = 600) -> None:
     """Block until the fit has logged a rollout step at ``step`` or beyond (and is still running)."""
-    deadline = time.monotonic() + timeout
-    while logged_step(workdir) < step:
-        assert proc.poll() is None, (workdir / "stderr.txt").read_text()[-3000:]
-        assert time.monotonic() < deadline, f"step {step} not reached in {timeout} s"
-        time.sleep(0.2)
+    wait_until(proc, workdir, lambda: logged_step(workdir) >= step, f"step {step}", timeout)
 
 
 def kill9(proc: subprocess.Popen[str]) -> None:

@@ -8,7 +8,9 @@ exits 0 with no checkpoint of the step it stopped at.
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -24,9 +26,11 @@ from fit_runs import (
     start_fit,
     the_run,
     wait_for_step,
+    wait_until,
 )
 
-from dapo_pl.preemption import Preempted, PreemptionAbandoned, resume_hint
+from dapo_pl.preemption import Preempted, PreemptionAbandoned, PreemptionCallback, resume_hint
+from dapo_pl.verification import CheckedVerifier, Sample, Verdict, VerifierInfo
 
 resume_model = fit_runs.resume_model  # the session fixture
 
@@ -59,8 +63,12 @@ def test_sigterm_saves_marks_killed_and_resumes_exactly(
 
 @pytest.mark.slow
 def test_a_second_sigint_abandons_the_step(resume_model: Path, tmp_path: Path) -> None:
-    proc = start_fit(tmp_path, resume_model)
-    wait_for_step(proc, tmp_path, 0)  # step 1 is logged: step 2 (with its rollouts) has just begun
+    proc = start_fit(tmp_path, resume_model, ckpt_every=1)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    # Checkpoints are saved after every other end-of-step hook, the preemption check included: once step 1's is
+    # there, a signal falls in step 2. (Waiting for step 1's metrics raced that check: a signal just after them
+    # stopped the fit after step 1, with a checkpoint, and the second one came while it was being written.)
+    wait_until(proc, tmp_path, last.exists, "the checkpoint of step 1")
     proc.send_signal(signal.SIGINT)
     deadline = time.monotonic() + 60
     while "SIGINT received" not in (tmp_path / "stderr.txt").read_text():
@@ -72,7 +80,8 @@ def test_a_second_sigint_abandons_the_step(resume_model: Path, tmp_path: Path) -
     assert "second SIGINT" in stderr and "resume with:" in stderr and "Traceback" not in stderr, stderr[
         -2000:
     ]
-    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()  # nothing saved from the abandoned step
+    # Nothing saved from the abandoned step: step 1's checkpoint stays the resume point.
+    assert checkpoint_step(last) == 1
     assert the_run(tmp_path).info.status == "KILLED"
 
 
@@ -85,3 +94,27 @@ def test_resume_hint_replaces_any_ckpt_path() -> None:
     )
     abandoned = resume_hint(PreemptionAbandoned(signal.SIGINT), ["fit", "--ckpt_path=last"])
     assert abandoned.endswith("abandoned; resume with: dapo-pl fit --ckpt_path last")
+
+
+def test_a_second_signal_during_a_verifier_call_is_not_a_verifier_failure() -> None:
+    """The handler raises :class:`PreemptionAbandoned` wherever the main thread is; waiting on a verifier call, that
+    is inside the guard that turns a plugin's exceptions into wrong answers (``CheckedVerifier.score``). Seen in
+    ``test_a_second_sigint_abandons_the_step``: while ``PreemptedFit`` was an ``Exception``, the fit went on and
+    stopped with exit 2 on "verifier 'overlong' ... raised PreemptionAbandoned"."""
+
+    def slow(samples: list[Sample]) -> list[Verdict]:
+        time.sleep(1.0)
+        return [Verdict(0.0, None) for _ in samples]
+
+    verifier = CheckedVerifier(VerifierInfo("slow", lambda: slow, "sleeps", "test"), slow, timeout_s=30)
+    callback = PreemptionCallback()
+    callback.signum = signal.SIGINT  # the first signal came: the next one abandons the step
+    previous = signal.signal(signal.SIGINT, callback._on_signal)
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
+    try:
+        timer.start()
+        with pytest.raises(PreemptionAbandoned):
+            verifier.score([Sample("1", "1")], Verdict(-1.0, False))
+    finally:
+        timer.join()
+        signal.signal(signal.SIGINT, previous)
