@@ -271,12 +271,14 @@ class DAPOModule(L.LightningModule):
 
         dtype = getattr(torch, self.dtype_name)
         source = check_model_source(self.model_name_or_path)
-        attn = choose_implementation(self.attn_implementation, AutoConfig.from_pretrained(source))
-        self.policy = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn)
+        config = AutoConfig.from_pretrained(source)  # read once: it picks the attention and builds the model
+        attn = choose_implementation(self.attn_implementation, config)
+        self.policy = AutoModelForCausalLM.from_pretrained(
+            source, config=config, dtype=dtype, attn_implementation=attn
+        )
         self.policy.train()  # from_pretrained returns eval mode
         if self.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
-        config = self.policy.config
         self.pad_id = int(
             config.pad_token_id if config.pad_token_id is not None else (config.eos_token_id or 0)
         )

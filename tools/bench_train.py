@@ -424,8 +424,8 @@ def speed_runs(args: argparse.Namespace, work: Path, tmp: Path) -> list[dict[str
                 for runner in runners:
                     engine = runner.removeprefix("ours-")
                     spec = {**asdict(Workload()), "model": str(model), "prompts": str(prompts)}
-                    spec.update(steps=steps, engine=engine, omp_wait_policy=args.omp_wait_policy)
-                    spec.update(gradient_checkpointing=args.gradient_checkpointing)
+                    spec.update(steps=steps, engine=engine, omp_wait_policy=args.omp_wait_policy,
+                                gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
                     t0 = time.perf_counter()
                     res = run_process(runner, spec, tmp)
                     print(
