@@ -517,17 +517,14 @@ class DAPOModule(L.LightningModule):
             logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=self.trainer.global_step)
 
     def _log_step(self, metrics: dict[str, float]) -> None:
+        """To the loggers; also into ``trainer.callback_metrics`` (callbacks, checkpoint monitors) and the progress
+        bar, written directly: ``self.log`` costs about 1 ms per key in Lightning 2.6 (each call moves the stored
+        metric's whole state), 30 ms a step for our ~30 metrics, a tenth of a tiny model's step."""
         prog = {"train/reward_mean": "reward", "train/acc": "acc", "train/kept_group_frac": "kept"}
         self._log_metrics(metrics)
-        # Also into trainer.callback_metrics (for callbacks and the progress bar), not to the loggers a second time.
         values = {k: float(v) for k, v in metrics.items()}
-        self.log_dict(values, on_step=True, on_epoch=False, batch_size=1, logger=False)
-        self.log_dict(
-            {name: values[k] for k, name in prog.items() if k in values},
-            prog_bar=True,
-            logger=False,
-            batch_size=1,
-        )
+        self.trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
+        self.trainer.progress_bar_metrics.update({name: values[k] for k, name in prog.items() if k in values})
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         return batch  # prompt records and rollout batches: micro-batches are moved to the device when cut
