@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from transformers.cache_utils import DynamicLayer
 
 from dapo_pl.engines.base import Completion, SamplingConfig
+from dapo_pl.engines.decode import DecodeStep, lean_decoder
 
 FIRST_CAPACITY = 256  # response positions the KV-cache buffers hold before their first doubling
 
@@ -37,14 +38,23 @@ class TransformersEngine:
         max_batch_sequences: at most this many sequences (prompts x n) per ``generate`` call.
         return_logprobs: also return the engine's per-token log-probs (for ``rollout/logprob_abs_diff_mean``);
             they cost nothing extra (one gather and log-sum-exp per step).
+        lean_decode: decode Qwen2/Llama models on CPU with :mod:`dapo_pl.engines.decode`'s lean step (the same
+            arithmetic as the model's forward, less per-call overhead); False: always the model's own forward.
     """
 
-    def __init__(self, tokenizer: Any, max_batch_sequences: int = 256, return_logprobs: bool = True) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        max_batch_sequences: int = 256,
+        return_logprobs: bool = True,
+        lean_decode: bool = True,
+    ) -> None:
         if max_batch_sequences < 1:
             raise ValueError(f"max_batch_sequences must be >= 1, got {max_batch_sequences}")
         self.tokenizer = tokenizer
         self.max_batch_sequences = max_batch_sequences
         self.return_logprobs = return_logprobs
+        self.lean_decode = lean_decode
         self.model: nn.Module | None = None
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = _eos_ids(tokenizer)
@@ -79,7 +89,7 @@ class TransformersEngine:
         stop = _stop_checker(self.tokenizer, params.stop) if params.stop else None
         new_tokens, logprobs = sample(
             self.model, input_ids, attention_mask, params, eos_ids=self.eos_ids, pad_id=self.pad_id, stop=stop,
-            synced=_synced(self.model),
+            synced=_synced(self.model), lean=self.lean_decode,
         )  # fmt: skip
         completions = [
             self._completion(new_tokens[i], logprobs if self.return_logprobs else None, i, params)
@@ -178,6 +188,7 @@ def sample(
     pad_id: int,
     stop: Callable[[Tensor], bool] | None = None,
     synced: bool = False,
+    lean: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """``params.n`` sampled continuations of each left-padded prompt, and the log-prob of every sampled token.
 
@@ -189,7 +200,9 @@ def sample(
     token or when ``stop`` (given the row's tokens so far) finds a stop string; ended rows are fed padding and
     leave the batch (with their cache rows) once they are an eighth of it.
     ``synced`` (sharded models, every forward a collective): ended rows stay in the batch, fed padding, and the
-    loop runs until every rank is done.
+    loop runs until every rank is done. ``lean``: decode with :func:`~dapo_pl.engines.decode.lean_decoder`'s step
+    where the model qualifies (the same arithmetic, less overhead); the prompts always go through the model's
+    own forward.
 
     Shapes: ``input_ids``/``attention_mask`` ``[P, Lp]``; returns tokens ``[P*n, T]`` (``pad_id`` after a row
     ends; ``T <= max_new_tokens``, the longest row) and log-probs ``[P*n, T]`` (float32 at least; 0 after a row ends);
@@ -209,6 +222,7 @@ def sample(
     )
     # Each prompt is encoded once; its n samples get a copy of its cache, in buffers that grow by doubling.
     cache = preallocate(out.past_key_values, n, input_ids.shape[1] + min(steps, FIRST_CAPACITY))
+    decode = lean_decoder(model) if lean and not synced else None
     rows = _Rows(
         logits=out.logits[:, -1].repeat_interleave(n, dim=0),  # [B, V]
         mask=attention_mask.repeat_interleave(n, dim=0),  # [B, Lp]
@@ -235,7 +249,7 @@ def sample(
         ended = keep.shape[0] - int(keep.sum())
         if not synced and ended and ended >= keep.shape[0] // 8:  # copying the cache pays off in batches
             rows, nxt = rows.select(keep, cache), nxt[keep]
-        rows.logits = _step(model, rows, nxt, cache)
+        rows.logits = _step(model, rows, nxt, cache, decode)
     return tokens, logprobs
 
 
@@ -324,10 +338,13 @@ class _Rows:
         return _Rows(self.logits[keep], self.mask[keep], self.position[keep], self.index[keep])
 
 
-def _step(model: nn.Module, rows: _Rows, last: Tensor, cache: Any) -> Tensor:
-    """Feed each row's last token ``[A]``; return the next logits ``[A, V]`` (the cache grows by one)."""
+def _step(model: nn.Module, rows: _Rows, last: Tensor, cache: Any, lean: DecodeStep | None) -> Tensor:
+    """Feed each row's last token ``[A]``; return the next logits ``[A, V]`` (the cache grows by one). ``lean``:
+    the model's lean decoding step (:mod:`dapo_pl.engines.decode`), else the model's own forward."""
     rows.mask = torch.cat([rows.mask, rows.mask.new_ones((rows.mask.shape[0], 1))], dim=1)  # [A, Lp + t + 1]
     rows.position = rows.position + 1  # [A, 1]
+    if lean is not None:
+        return lean(last, rows.mask, rows.position, cache)
     out = model(input_ids=last.unsqueeze(-1), attention_mask=rows.mask, position_ids=rows.position,
                 past_key_values=cache, use_cache=True)  # fmt: skip
     return out.logits[:, -1]
