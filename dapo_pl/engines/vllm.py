@@ -277,7 +277,8 @@ class VLLMEngine:
         lora = {"lora_request": self._adapters.request} if self._adapters is not None else {}
         outputs = self.llm.generate(requests, sampling, use_tqdm=False, **lora)
         result = [
-            [self._completion(c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs
+            [self._completion(c, params) for c in sorted(out.outputs, key=lambda c: c.index)]
+            for out in outputs
         ]
         if self.enable_sleep_mode:  # free KV cache and weights for the trainer's update
             self.llm.sleep(level=self.sleep_level)
@@ -302,15 +303,20 @@ class VLLMEngine:
             seed=seed,
             stop=list(params.stop) or None,
             include_stop_str_in_output=True,  # text = decode(token_ids), as in the transformers engine
+            # vLLM detokenizes every request incrementally at every step, in its front-end process: 28% of a
+            # generate call on the tiny benchmark model (0.57 -> 0.41 s). Stop strings need it; else the text is
+            # decoded once per response in `_completion`.
+            detokenize=bool(params.stop),
             logprobs=0 if self.return_logprobs else None,  # 0: only the sampled token's
             flat_logprobs=True,
         )
 
-    def _completion(self, out: Any) -> Completion:
+    def _completion(self, out: Any, params: SamplingConfig) -> Completion:
         ids = list(out.token_ids)
         logprobs = _sampled_logprobs(out.logprobs, ids) if self.return_logprobs else None
+        text = out.text if params.stop else self.tokenizer.decode(ids, skip_special_tokens=True)
         return Completion(
-            token_ids=ids, text=out.text, truncated=out.finish_reason == "length", logprobs=logprobs
+            token_ids=ids, text=text, truncated=out.finish_reason == "length", logprobs=logprobs
         )
 
     def _check_lengths(self, prompts: list[list[int]], params: SamplingConfig) -> None:

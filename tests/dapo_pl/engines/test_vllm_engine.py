@@ -444,7 +444,7 @@ def test_sleep_mode_wakes_and_repushes_in_the_right_order(
     fake = _FakeLLM()
     monkeypatch.setattr(current_platform, "is_cuda_alike", lambda: True)
     monkeypatch.setattr(engine_module, "_start_llm", lambda kwargs, **_: fake)
-    tokenizer = SimpleNamespace(eos_token_id=1)
+    tokenizer = SimpleNamespace(eos_token_id=1, decode=lambda ids, skip_special_tokens: "")
     engine = VLLMEngine("unused", tokenizer, enable_sleep_mode=True, sleep_level=level, sync_method="rpc")
     policy = torch.nn.Linear(2, 2)
     params = SamplingConfig(n=2, max_new_tokens=4)
