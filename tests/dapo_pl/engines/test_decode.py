@@ -114,6 +114,8 @@ def test_only_the_models_it_reproduces_qualify(char_tokenizer: Any) -> None:
     sliding = _qwen2(char_tokenizer, use_sliding_window=True, sliding_window=4, max_window_layers=0)
     assert "sliding_attention" in sliding.config.layer_types and decode.lean_decoder(sliding) is None
     hooked = _qwen2(char_tokenizer)
+    hooked.gradient_checkpointing_enable()  # its hook on the embeddings only marks outputs as requiring grad
+    assert hooked.model.embed_tokens._forward_hooks and decode.lean_decoder(hooked) is not None
     hooked.model.layers[1].mlp.register_forward_hook(lambda *a: None)
     assert decode.lean_decoder(hooked) is None
     lora = get_peft_model(_qwen2(char_tokenizer), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
