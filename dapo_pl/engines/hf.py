@@ -222,7 +222,7 @@ def sample(
     )
     # Each prompt is encoded once; its n samples get a copy of its cache, in buffers that grow by doubling.
     cache = preallocate(out.past_key_values, n, input_ids.shape[1] + min(steps, FIRST_CAPACITY))
-    decode = lean_decoder(model) if lean and not synced else None
+    decode = lean_decoder(model) if lean and not synced and hasattr(cache, "layers") else None
     rows = _Rows(
         logits=out.logits[:, -1].repeat_interleave(n, dim=0),  # [B, V]
         mask=attention_mask.repeat_interleave(n, dim=0),  # [B, Lp]
