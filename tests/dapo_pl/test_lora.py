@@ -181,6 +181,13 @@ def test_only_the_adapters_are_trainable_and_in_the_optimizer(quickstart_dir: Pa
     (optimizer,), _ = module.configure_optimizers()
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert held == {id(named[n]) for n in trainable}
+    # The vLLM weight sync sees a change through each tensor's in-place version counter: the optimizer must bump
+    # it. torch's fused AdamW does not (measured: `_version` stays 0), so it would leave the engine on old weights.
+    before = {n: named[n]._version for n in trainable}
+    for n in trainable:
+        named[n].grad = torch.ones_like(named[n])
+    optimizer.step()
+    assert all(named[n]._version > before[n] for n in trainable)
 
 
 def test_the_kl_reference_is_the_base_with_adapters_disabled(quickstart_dir: Path) -> None:
