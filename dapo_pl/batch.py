@@ -100,6 +100,11 @@ def mini_batch_slices(num_sequences: int, mini_batch_size: int) -> list[slice]:
     ]
 
 
+def has_response(batch: RolloutBatch, index: int) -> bool:
+    """Whether sequence ``index`` of ``batch`` has at least one response token."""
+    return len(batch.sequences[index]) > batch.prompt_lengths[index]
+
+
 def collate(batch: RolloutBatch, indices: list[int], pad_id: int, loss_weight: Tensor) -> MicroBatch:
     """Right-pad the sequences ``indices`` of ``batch`` into a :class:`MicroBatch`.
 

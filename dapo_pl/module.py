@@ -99,6 +99,8 @@ class AlgorithmConfig:
         clip_ratio_c: dual-clip cap for negative advantages (None: off, as in DAPO).
         loss_agg: ``token-mean`` (DAPO), ``seq-mean-token-mean`` (GRPO) or ``seq-mean-token-sum``.
         overlong_filtering: mask the loss of truncated responses (and drop their tokens from the denominator).
+            Responses left without a loss token never run through the update (the same gradient, without
+            their forward/backward); ``train/entropy`` then covers the other responses.
         kl_coef: weight of a KL penalty to the initial policy (0: off, no reference model loaded, as in DAPO).
         kl_estimator: ``k1`` or ``k3``.
         ppo_epochs: passes over each rollout batch.

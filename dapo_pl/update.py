@@ -1,7 +1,7 @@
 """The gradient side of one DAPO optimizer step, as free functions the LightningModule calls in order.
 
 1. :func:`cut_batch`: rollout batch -> mini-batches (one optimizer step each) -> micro-batches (token budget),
-   with the overlong-filtering loss weight applied.
+   with the overlong-filtering loss weight applied; responses left without a loss token never run.
 2. :func:`score_old`: old (and reference) log-probs of every micro-batch, no gradient, plus entropy and the
    engine-vs-trainer log-prob gap. Skipped when the update is exactly on-policy (:func:`is_on_policy`): the old
    log-probs are then the loss pass's own, detached, and the metrics come from that pass. With
@@ -28,7 +28,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dapo_pl.batch import MicroBatch, RolloutBatch, collate, mini_batch_slices, split_by_token_budget
+from dapo_pl.batch import (
+    MicroBatch,
+    RolloutBatch,
+    collate,
+    has_response,
+    mini_batch_slices,
+    padding_micro_batch,
+    split_by_token_budget,
+)
 from dapo_pl.distributed import DataParallel
 from dapo_pl.head import DEFAULT_CHUNK_TOKENS, chunked_logprobs, scatter_positions
 from dapo_pl.objective import (
@@ -51,11 +59,21 @@ from dapo_pl.sampling import overlong_filter_mask
 def cut_batch(
     batch: RolloutBatch, *, mini_batch_size: int, max_tokens: int, pad_id: int, overlong_filtering: bool
 ) -> list[list[MicroBatch]]:
-    """Mini-batches of ``mini_batch_size`` responses, each a list of micro-batches within ``max_tokens``."""
+    """Mini-batches of ``mini_batch_size`` responses, each a list of micro-batches within ``max_tokens``.
+
+    Responses without a loss token (truncated ones under overlong filtering, empty ones) are left out of the
+    micro-batches: they add nothing to any loss term, token count or row count, so the gradient is the same
+    without their forward and backward passes (truncated responses are the longest of a batch). The mini-batches
+    are cut first, so each optimizer step keeps its responses; one left with none gets a
+    :func:`~dapo_pl.batch.padding_micro_batch` (zero gradients: the optimizer still steps, as before).
+    """
     weight = overlong_filter_mask(batch.truncated) if overlong_filtering else torch.ones(len(batch))  # [B]
     mini_batches = []
     for sl in mini_batch_slices(len(batch), mini_batch_size):
-        idx = list(range(len(batch)))[sl]
+        idx = [i for i in range(len(batch))[sl] if weight[i] > 0 and has_response(batch, i)]
+        if not idx:
+            mini_batches.append([padding_micro_batch(pad_id)])
+            continue
         parts = split_by_token_budget([len(batch.sequences[i]) for i in idx], max_tokens)
         mini_batches.append([collate(batch, [idx[j] for j in part], pad_id, weight) for part in parts])
     return mini_batches
@@ -147,6 +165,8 @@ class ScoreStats:
 
     ``train/entropy``: mean entropy (at the sampling temperature) over response tokens;
     ``rollout/logprob_abs_diff_mean``: mean ``|trainer - engine|`` log-prob over tokens the engine scored.
+    Both cover the responses that enter the update (:func:`cut_batch` leaves out those without a loss token);
+    a metric with no token to average is not reported.
     """
 
     entropy_sum: float = 0.0
@@ -165,7 +185,7 @@ class ScoreStats:
         """The metrics; ``all_reduce`` (data-parallel ranks: a collective, every rank calls it) sums first."""
         sums = [self.entropy_sum, self.tokens, self.gap_sum, self.gap_tokens]
         ent_sum, ent_n, diff_sum, diff_n = all_reduce(sums) if all_reduce is not None else sums
-        metrics = {"train/entropy": ent_sum / max(ent_n, 1.0)}
+        metrics = {"train/entropy": ent_sum / ent_n} if ent_n else {}
         if diff_n:
             metrics["rollout/logprob_abs_diff_mean"] = diff_sum / diff_n
         return metrics

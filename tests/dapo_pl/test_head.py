@@ -15,10 +15,10 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from dapo_pl.batch import MicroBatch, RolloutBatch, padding_micro_batch
+from dapo_pl.batch import MicroBatch, RolloutBatch, collate, padding_micro_batch
 from dapo_pl.head import chunked_logprobs
 from dapo_pl.objective import logprobs_from_logits, token_entropy
-from dapo_pl.update import cut_batch, forward_logits, linear_head, score_tokens
+from dapo_pl.update import forward_logits, linear_head, score_tokens
 
 N, H, V = 10, 6, 13
 
@@ -165,7 +165,7 @@ def _micro_batch() -> MicroBatch:
     batch = RolloutBatch(sequences=sequences, prompt_lengths=[lp for lp, _ in lengths],
                          advantages=torch.ones(4), truncated=torch.zeros(4, dtype=torch.bool),
                          rollout_logprobs=[None] * 4, temperature=0.8)  # fmt: skip
-    ((mb,),) = cut_batch(batch, mini_batch_size=4, max_tokens=10_000, pad_id=0, overlong_filtering=False)
+    mb = collate(batch, [0, 1, 2, 3], pad_id=0, loss_weight=torch.ones(4))  # cut_batch would leave row 2 out
     assert float(mb.response_mask[2].sum()) == 0  # the empty response
     mb.response_mask = mb.response_mask.double()
     return mb

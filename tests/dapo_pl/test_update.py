@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from dapo_pl.batch import MicroBatch, RolloutBatch
+from dapo_pl.batch import MicroBatch, RolloutBatch, collate
 from dapo_pl.distributed import DataParallel
 from dapo_pl.module import AlgorithmConfig, DAPOModule
 from dapo_pl.objective import token_mean_denominator
@@ -66,10 +66,16 @@ def _cast(mbs: list[MicroBatch]) -> list[MicroBatch]:
 
 def _gradient(batch: RolloutBatch, algo: AlgorithmConfig, *, shared_denominator: bool = True) -> torch.Tensor:
     """Flat gradient of one optimizer step over the whole batch, cut with ``algo.micro_batch_max_tokens``."""
-    base = _policy()
     (mbs,) = cut_batch(batch, mini_batch_size=len(batch), max_tokens=algo.micro_batch_max_tokens, pad_id=0,
                        overlong_filtering=algo.overlong_filtering)  # fmt: skip
-    mbs = _cast(mbs)
+    return _gradient_of(_cast(mbs), batch, algo, shared_denominator=shared_denominator)
+
+
+def _gradient_of(
+    mbs: list[MicroBatch], batch: RolloutBatch, algo: AlgorithmConfig, *, shared_denominator: bool = True
+) -> torch.Tensor:
+    """Flat gradient of one optimizer step over the micro-batches ``mbs`` (old log-probs from the base policy)."""
+    base = _policy()
     score_old(base, mbs, batch.temperature)
     policy = copy.deepcopy(base)
     _perturb(policy)
@@ -152,6 +158,43 @@ def test_overlong_filtering_equals_dropping_truncated_responses() -> None:
     )
     unfiltered = _gradient(batch, AlgorithmConfig(micro_batch_max_tokens=30))
     assert (unfiltered - filtered).abs().max() > 1e-4
+
+
+def test_responses_without_loss_tokens_never_run() -> None:
+    """Truncated responses under overlong filtering and empty responses are left out of the micro-batches: fewer
+    rows through the model, the same gradient as the full micro-batch with their loss masks zeroed."""
+    batch = _batch()
+    batch.sequences[1] = batch.sequences[1][: batch.prompt_lengths[1]]  # an empty response
+    algo = AlgorithmConfig(overlong_filtering=True, micro_batch_max_tokens=30)
+    (mbs,) = cut_batch(batch, mini_batch_size=8, max_tokens=30, pad_id=0, overlong_filtering=True)
+    idle = {0, 1, 3, 6}  # truncated (i % 3 == 0) or empty
+    assert sum(mb.input_ids.shape[0] for mb in mbs) == len(batch) - len(idle)
+    assert all(bool((mb.loss_mask.sum(dim=1) > 0).all()) for mb in mbs)
+    weight = torch.tensor([0.0 if i in idle else 1.0 for i in range(len(batch))])
+    every_row = collate(batch, list(range(len(batch))), 0, weight)  # the rows all run, masked
+    whole = _gradient_of(_cast([every_row]), batch, algo)
+    assert whole.abs().max() > 1e-3
+    torch.testing.assert_close(_gradient_of(_cast(mbs), batch, algo), whole, rtol=0, atol=1e-10)
+
+
+def test_a_mini_batch_left_without_responses_still_steps() -> None:
+    """A mini-batch whose responses are all filtered keeps its optimizer step: one padding micro-batch gives
+    every parameter a zero gradient (not None), as the masked full pass did, so AdamW's moments still move."""
+    batch = replace(_batch(), truncated=torch.tensor([False] * 4 + [True] * 4))
+    first, second = cut_batch(batch, mini_batch_size=4, max_tokens=10_000, pad_id=0, overlong_filtering=True)
+    assert sum(mb.input_ids.shape[0] for mb in first) == 4
+    assert len(second) == 1 and second[0].input_ids.shape == (1, 2) and float(second[0].loss_mask.sum()) == 0
+    policy = _policy()
+    mbs = _cast(second)
+    score_old(policy, mbs, batch.temperature)
+    accumulate_gradients(policy, mbs, temperature=batch.temperature, algo=AlgorithmConfig(),
+                         num_tokens=token_mean_denominator([mb.loss_mask for mb in mbs]),
+                         backward=torch.Tensor.backward)  # fmt: skip
+    assert all(p.grad is not None and not p.grad.any() for p in policy.parameters())
+
+
+def test_score_stats_report_nothing_without_tokens() -> None:
+    assert ScoreStats().metrics() == {}
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 4096])
