@@ -8,7 +8,8 @@ What it does
     in a fresh process, interleaved (ours-short, trl-short, ours-long, trl-long; ``--repeats`` times), so that
     all runners share the machine's load. Seconds per step = (long-run loop time - short-run loop time) / extra
     steps: start-up and the first (warm-up) step cancel out. Reported: s/step, samples/s, our phases (rollout,
-    reward, old-log-prob, update, weight sync: per-step means over the long run's steps after the first), peak RSS
+    reward, old-log-prob, update, weight sync: per-step means over the long run's steps after the first; the share
+    of truncated responses, which overlong filtering masks and the update then skips), peak RSS
     (trainer process; vLLM's engine processes separately), peak CUDA memory on a GPU, and TRL / ours ratios.
     Settings: 512 "a+b=" prompts, 16 prompts x 8 responses per step, 32 new tokens, temperature 1, lr 1e-4
     constant, AdamW without weight decay, clip norm 1, one optimizer step per rollout, dynamic sampling off,
@@ -241,6 +242,7 @@ def _step_recorder(phase_totals: dict[str, float]) -> Any:
             step["update"] = m.get("time/update_s", 0.0) - phase_totals["old_logprob"]
             step["sync"] = phase_totals["sync"]
             step["logprob_gap"] = m.get("rollout/logprob_abs_diff_mean", float("nan"))
+            step["truncated"] = m.get("train/truncated_frac", float("nan"))
             self.steps.append(step)
             phase_totals["old_logprob"] = phase_totals["sync"] = 0.0
             self.last = now
@@ -463,8 +465,8 @@ def phase_means(results: list[dict[str, Any]], model: str, runner: str, long: in
         if (r["model"], r["runner"], r["steps"]) == (model, runner, long) and "step_log" in r
         for s in r["step_log"][1:]
     ]
-    keys = (*PHASES, "wall", "logprob_gap")
-    return {k: statistics.fmean(s[k] for s in steps) for k in keys} if steps else {}
+    keys = (*PHASES, "wall", "logprob_gap", "truncated")
+    return {k: statistics.fmean(s.get(k, float("nan")) for s in steps) for k in keys} if steps else {}
 
 
 def direct_step_median(results: list[dict[str, Any]], model: str, runner: str, long: int) -> float | None:
@@ -484,8 +486,8 @@ def speed_table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     batch = Workload().prompts_per_step * Workload().n
     lines = [
         "| model | runner | s/step (median) | samples/s | TRL / this | step wall, direct (TRL / this) | rollout "
-        "| reward | old-log-prob | update | sync | gap | peak RSS MB (engine) | CUDA MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| reward | old-log-prob | update | sync | gap | truncated | peak RSS MB (engine) | CUDA MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model in args.models:
         trl = per_step_times(results, model, "trl", args.short, args.long)
@@ -493,13 +495,14 @@ def speed_table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         for runner in [*args.runners, *(["trl"] if args.peer == "trl" else [])]:
             times = per_step_times(results, model, runner, args.short, args.long)
             if not times:
-                lines.append(f"| {model} | {runner} | failed |" + " |" * 11)
+                lines.append(f"| {model} | {runner} | failed |" + " |" * 12)
                 continue
             sec = statistics.median(times)
             ratio = f"{statistics.median(trl) / sec:.2f}x" if trl and runner != "trl" else "-"
             ph = phase_means(results, model, runner, args.long)
             cells = [f"{ph[k]:.3f}" for k in PHASES] if ph else ["-"] * len(PHASES)
             gap = f"{ph['logprob_gap']:.1e}" if ph and ph["logprob_gap"] == ph["logprob_gap"] else "-"
+            truncated = f"{ph['truncated']:.0%}" if ph and ph["truncated"] == ph["truncated"] else "-"
             runs = [r for r in results if (r["model"], r["runner"]) == (model, runner) and "error" not in r]
             rss = max(r["peak_rss_mb"] for r in runs)
             engine_rss = max(r.get("engine_peak_rss_mb", 0.0) for r in runs)
@@ -511,7 +514,7 @@ def speed_table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
             )
             lines.append(
                 f"| {model} | {runner} | {spread} | {batch / sec:.0f} | {ratio} | {direct_cell} | " + " | ".join(cells)
-                + f" | {gap} | {_fmt_mb(rss)} ({_fmt_mb(engine_rss)}) | {_fmt_mb(cuda)} |"
+                + f" | {gap} | {truncated} | {_fmt_mb(rss)} ({_fmt_mb(engine_rss)}) | {_fmt_mb(cuda)} |"
             )  # fmt: skip
     return "\n".join(lines)
 

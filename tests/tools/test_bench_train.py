@@ -43,6 +43,22 @@ def test_per_step_time_is_the_long_minus_short_loop_over_the_extra_steps() -> No
     assert bench.per_step_times(results, "tiny", "ours", 2, 6) == [1.25]
 
 
+def test_speed_table_reports_phases_and_the_truncated_share() -> None:
+    """Per-step (2.0 s), TRL / ours (4.0 / 2.0), the phase means over the long run's steps after the first, and
+    the truncated share (masked by overlong filtering, skipped by the update): (0.5 + 1.0) / 2 = 75%."""
+    step = dict.fromkeys(("rollout", "reward", "old_logprob", "update", "sync", "wall"), 1.0)
+    log = [{**step, "logprob_gap": 1e-7, "truncated": t} for t in (0.0, 0.5, 1.0)]
+    results = [_run("ours-transformers", 2, 4.0), _run("trl", 2, 5.0), {**_run("trl", 6, 21.0), "step_s": [9, 4, 4]},
+               {**_run("ours-transformers", 6, 12.0), "step_log": log}]  # fmt: skip
+    for r in results:
+        r["peak_rss_mb"] = 100.0
+    args = Namespace(models=["tiny"], runners=["ours-transformers"], peer="trl", short=2, long=6)
+    ours, trl = bench.speed_table(results, args).splitlines()[2:]
+    assert ours.startswith("| tiny | ours-transformers | 2.000 (2.000-2.000) | 64 | 2.00x |")
+    assert "| 1.0e-07 | 75% | 100 (-) |" in ours
+    assert "| - | - | 100 (-) |" in trl
+
+
 def test_memory_table_marks_oom_and_reports_growth() -> None:
     args = Namespace(vocabs=[8192], tokens=[2048, 8192], limit_gb=6.0)
     results = [
