@@ -22,7 +22,7 @@ What it does
 
     Memory mode (``--memory``). A 1-layer Qwen2 (hidden 64) at each vocabulary of ``--vocabs`` and each
     ``micro_batch_max_tokens`` of ``--tokens``: 8 prompts x 8 responses x 128 new tokens, transformers engine,
-    2 steps, each run in its own memory cgroup (cgroup v1, ``--limit-gb``) so an overrun is OOM-killed there
+    no overlong filtering (every response runs through the update), 2 steps, each run in its own memory cgroup (cgroup v1, ``--limit-gb``) so an overrun is OOM-killed there
     instead of hurting the machine. Prints peak RSS (and the cgroup's peak) per cell; killed runs show ``OOM``.
 
 How to run
@@ -268,7 +268,8 @@ def _build_ours(spec: dict[str, Any]) -> tuple[Any, Any]:
 
     batch = spec["prompts_per_step"] * spec["n"]
     algo = AlgorithmConfig(
-        eps_low=0.2, eps_high=0.28, loss_agg="token-mean", overlong_filtering=True, mini_batch_size=batch,
+        eps_low=0.2, eps_high=0.28, loss_agg="token-mean", mini_batch_size=batch,
+        overlong_filtering=spec.get("overlong_filtering", True),
         micro_batch_max_tokens=spec["micro_batch_max_tokens"],
     )  # fmt: skip
     optim = OptimConfig(lr=spec["lr"], weight_decay=0.0, warmup_steps=0, grad_clip=1.0)
@@ -528,7 +529,9 @@ def memory_runs(args: argparse.Namespace, work: Path, tmp: Path) -> list[dict[st
         model = build_model(memory_model(vocab), work / f"model-mem-{vocab}")
         for tokens in args.tokens:
             spec = {**asdict(workload), "model": str(model), "prompts": str(prompts), "steps": 2}
-            spec.update(engine="transformers", micro_batch_max_tokens=tokens)
+            # No overlong filtering: the random model truncates nearly every response, and filtered responses
+            # skip the update, which would then measure nothing.
+            spec.update(engine="transformers", micro_batch_max_tokens=tokens, overlong_filtering=False)
             cgroup = MemoryCgroup(f"bench-train-{os.getpid()}-{vocab}-{tokens}", int(args.limit_gb * 2**30))
             try:
                 res = run_process("ours-transformers", spec, tmp, cgroup)
