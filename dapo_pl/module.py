@@ -164,6 +164,9 @@ class OptimConfig:
         max_skipped_steps: an optimizer step whose loss or gradient norm is NaN/inf is skipped (gradients
             dropped, no update, the schedule not advanced; counted in ``train/skipped_steps``); this many skipped
             in a row stop the fit with an error.
+        fused: torch's fused AdamW kernel (one pass over all parameters; ~4x faster steps on CPU). None: fused
+            where every trained parameter is an unsharded CPU/CUDA tensor (sharded FSDP2 parameters keep the
+            ``foreach`` implementation). Results equal the ``foreach`` ones to rounding.
     """
 
     lr: float = 1e-6
@@ -175,6 +178,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
     max_skipped_steps: int = 3
+    fused: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_skipped_steps < 1:
@@ -205,6 +209,34 @@ def check_engine_logprobs(engine: Any) -> None:
             f"{type(engine).__name__} returns none (return_logprobs is off or unsupported); set "
             "data.engine.options.return_logprobs: true, or model.algorithm.old_logprobs: trainer"
         )
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over ``params``, fused as ``cfg.fused`` says (None: where every parameter is an unsharded CPU/CUDA tensor).
+
+    The fused kernel writes the parameters without bumping their in-place version counters, which the vLLM
+    weight sync reads to find what changed (:meth:`dapo_pl.engines.vllm.VLLMEngine.sync_weights`); a step
+    post-hook bumps the counter of every parameter the step updated (those with a gradient).
+    """
+    from torch.distributed.tensor import DTensor
+
+    fused = cfg.fused
+    if fused is None:
+        fused = bool(params) and all(
+            not isinstance(p, DTensor) and p.device.type in ("cpu", "cuda") for p in params
+        )
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, fused=fused or None
+    )
+    if fused:
+        optimizer.register_step_post_hook(_bump_versions)
+    return optimizer
+
+
+def _bump_versions(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    stepped = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if stepped:
+        torch.autograd.graph.increment_version(stepped)
 
 
 def lr_factor(step: int, cfg: OptimConfig) -> float:
@@ -349,7 +381,7 @@ class DAPOModule(L.LightningModule):
         assert self.policy is not None
         cfg = self.optim_cfg
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+        optimizer = make_optimizer(params, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
         return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
 

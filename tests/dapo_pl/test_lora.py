@@ -182,7 +182,7 @@ def test_only_the_adapters_are_trainable_and_in_the_optimizer(quickstart_dir: Pa
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert held == {id(named[n]) for n in trainable}
     # The vLLM weight sync sees a change through each tensor's in-place version counter: the optimizer must bump
-    # it. torch's fused AdamW does not (measured: `_version` stays 0), so it would leave the engine on old weights.
+    # it. torch's fused AdamW does not (measured: `_version` stays 0); make_optimizer's step post-hook does.
     before = {n: named[n]._version for n in trainable}
     for n in trainable:
         named[n].grad = torch.ones_like(named[n])

@@ -15,7 +15,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from dapo_pl.batch import MicroBatch, RolloutBatch, collate
 from dapo_pl.distributed import DataParallel
-from dapo_pl.module import AlgorithmConfig, DAPOModule
+from dapo_pl.module import AlgorithmConfig, DAPOModule, OptimConfig, make_optimizer
 from dapo_pl.objective import token_mean_denominator
 from dapo_pl.update import ScoreStats, accumulate_gradients, cut_batch, is_on_policy, score_old
 
@@ -191,6 +191,32 @@ def test_a_mini_batch_left_without_responses_still_steps() -> None:
                          num_tokens=token_mean_denominator([mb.loss_mask for mb in mbs]),
                          backward=torch.Tensor.backward)  # fmt: skip
     assert all(p.grad is not None and not p.grad.any() for p in policy.parameters())
+
+
+def test_fused_adamw_matches_foreach_and_bumps_the_version_counters() -> None:
+    """The default optimizer is fused on CPU: the same parameters as the foreach AdamW (float64, 3 steps, weight
+    decay on), and every stepped parameter's version counter moves (the vLLM sync's change signal); a parameter
+    without a gradient is neither changed nor bumped."""
+    models, optimizers = [_policy(), _policy()], []
+    for model, fused in zip(models, (None, False), strict=True):
+        params = list(model.parameters())
+        optimizers.append(make_optimizer(params, OptimConfig(lr=1e-2, weight_decay=0.1, fused=fused)))
+    assert optimizers[0].defaults["fused"] and not optimizers[1].defaults["fused"]
+    g = torch.Generator().manual_seed(7)
+    frozen = "model.norm.weight"
+    for _ in range(3):
+        grads = {n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in models[0].named_parameters()}
+        for model in models:
+            for n, p in model.named_parameters():
+                p.grad = None if n == frozen else grads[n].clone()
+        before = {n: (p._version, p.detach().clone()) for n, p in models[0].named_parameters()}
+        for opt in optimizers:
+            opt.step()
+        for n, p in models[0].named_parameters():
+            moved = p._version > before[n][0]
+            assert moved == (n != frozen) and torch.equal(p.detach(), before[n][1]) == (n == frozen), n
+    for (n, a), b in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=n)
 
 
 def test_score_stats_report_nothing_without_tokens() -> None:
