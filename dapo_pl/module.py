@@ -165,8 +165,8 @@ class OptimConfig:
             dropped, no update, the schedule not advanced; counted in ``train/skipped_steps``); this many skipped
             in a row stop the fit with an error.
         fused: torch's fused AdamW kernel (one pass over all parameters; ~4x faster steps on CPU). None: fused
-            where every trained parameter is an unsharded CPU/CUDA tensor (sharded FSDP2 parameters keep the
-            ``foreach`` implementation). Results equal the ``foreach`` ones to rounding.
+            where every trained parameter is an unsharded CPU/CUDA tensor (sharded FSDP2 parameters keep torch's
+            default implementation). Results equal the default implementation's to rounding.
     """
 
     lr: float = 1e-6

@@ -193,8 +193,8 @@ def test_a_mini_batch_left_without_responses_still_steps() -> None:
     assert all(p.grad is not None and not p.grad.any() for p in policy.parameters())
 
 
-def test_fused_adamw_matches_foreach_and_bumps_the_version_counters() -> None:
-    """The default optimizer is fused on CPU: the same parameters as the foreach AdamW (float64, 3 steps, weight
+def test_fused_adamw_matches_the_default_and_bumps_the_version_counters() -> None:
+    """The default optimizer is fused on CPU: the same parameters as torch's default AdamW (float64, 3 steps, weight
     decay on), and every stepped parameter's version counter moves (the vLLM sync's change signal); a parameter
     without a gradient is neither changed nor bumped."""
     models, optimizers = [_policy(), _policy()], []
