@@ -13,7 +13,9 @@ What it does
     (trainer process; vLLM's engine processes separately), peak CUDA memory on a GPU, and TRL / ours ratios.
     Settings: 512 "a+b=" prompts, 16 prompts x 8 responses per step, 32 new tokens, temperature 1, lr 1e-4
     constant, AdamW without weight decay, clip norm 1, one optimizer step per rollout, dynamic sampling off,
-    truncated responses masked (TRL: ``mask_truncated_completions``), DAPO loss (token-mean, eps 0.2 / 0.28),
+    truncated responses masked (TRL: ``mask_truncated_completions``; dapo-pl then leaves them out of the update,
+    TRL runs them with a zero mask; ``--no-overlong-filtering``: masked on neither side, so both run every
+    response through the update: equal work), DAPO loss (token-mean, eps 0.2 / 0.28),
     no KL. TRL runs in its own virtualenv (``artifacts/venv-trl``, created on first use: torch 2.13.0 CPU, then
     TRL 1.16; it is not a dapo-pl dependency). ``--omp-wait-policy`` sets ``OMP_WAIT_POLICY`` for every runner
     alike: ``unset`` (the default: libgomp spins briefly, then sleeps; what a user's process gets) or
@@ -110,6 +112,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--gradient-checkpointing", action="store_true",
         help="both sides recompute activations in the backward (TRL's GRPOConfig default; off: dapo-pl's)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-overlong-filtering", dest="overlong_filtering", action="store_false",
+        help="neither side masks truncated responses, so every response runs the update on both (equal work)",
     )  # fmt: skip
     p.add_argument(
         "--omp-wait-policy", choices=["unset", "passive", "active"], default="unset",
@@ -428,7 +434,8 @@ def speed_runs(args: argparse.Namespace, work: Path, tmp: Path) -> list[dict[str
                     engine = runner.removeprefix("ours-")
                     spec = {**asdict(Workload()), "model": str(model), "prompts": str(prompts)}
                     spec.update(steps=steps, engine=engine, omp_wait_policy=args.omp_wait_policy,
-                                gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
+                                gradient_checkpointing=args.gradient_checkpointing,
+                                overlong_filtering=args.overlong_filtering)  # fmt: skip
                     t0 = time.perf_counter()
                     res = run_process(runner, spec, tmp)
                     print(
@@ -580,7 +587,8 @@ def _header(args: argparse.Namespace, load: tuple[float, float], argv: list[str]
             f"; 16 prompts x 8 responses, 32 new tokens; per step = (loop of {args.long} steps - loop of "
             f"{args.short}) / {args.long - args.short}, median of {args.repeats} interleaved repeats; "
             f"OMP_WAIT_POLICY {args.omp_wait_policy}; gradient checkpointing "
-            f"{'on' if args.gradient_checkpointing else 'off'} on both sides"
+            f"{'on' if args.gradient_checkpointing else 'off'} on both sides; truncated responses "
+            f"{'masked' if args.overlong_filtering else 'not masked'} on both sides"
         )
     return (
         f"Models: {what}. {os.cpu_count()} CPU cores, load average {load[0]:.1f} before, {load[1]:.1f} after.\n"

@@ -6,7 +6,7 @@ settings, steps) and reads back a JSON result: wall time of ``trainer.train()`` 
 times, peak RSS and, on a GPU, peak CUDA memory.
 
 Settings (the issue's): ``loss_type="dapo"``, ``epsilon=0.2``, ``epsilon_high=0.28``, ``beta=0`` (no reference
-model), ``mask_truncated_completions=True``, no vLLM; one optimizer step per rollout (``steps_per_generation=1``,
+model), ``mask_truncated_completions=True`` (the spec's ``overlong_filtering``), no vLLM; one optimizer step per rollout (``steps_per_generation=1``,
 ``num_iterations=1``, one micro-batch of all ``prompts x n`` completions); AdamW at a constant learning rate without
 warm-up or weight decay, gradients clipped at norm 1, float32, as the dapo-pl side is configured. Gradient
 checkpointing (on by default in ``GRPOConfig``, off by default in dapo-pl) is set from the spec for both sides
@@ -42,7 +42,7 @@ def _config(spec: dict[str, Any], out_dir: str, cuda: bool) -> Any:
         max_completion_length=spec["max_new_tokens"], temperature=spec["temperature"], top_p=1.0,
         learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=1.0, beta=0.0, loss_type="dapo", epsilon=0.2, epsilon_high=0.28,
-        mask_truncated_completions=True, use_vllm=False, logging_steps=1, report_to="none",
+        mask_truncated_completions=spec.get("overlong_filtering", True), use_vllm=False, logging_steps=1, report_to="none",
         save_strategy="no", seed=0, use_cpu=not cuda, bf16=False, disable_tqdm=True,
         dataloader_num_workers=0, gradient_checkpointing=spec.get("gradient_checkpointing", False),
     )  # fmt: skip

@@ -74,3 +74,8 @@ def test_memory_table_marks_oom_and_reports_growth() -> None:
 def test_long_must_exceed_short() -> None:
     with pytest.raises(SystemExit, match="--long must be larger"):
         bench.main(["--short", "3", "--long", "3"])
+
+
+def test_overlong_filtering_is_on_by_default_and_can_be_turned_off_for_equal_work() -> None:
+    assert bench.parse_args([]).overlong_filtering is True
+    assert bench.parse_args(["--no-overlong-filtering"]).overlong_filtering is False
