@@ -226,7 +226,7 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.
             not isinstance(p, DTensor) and p.device.type in ("cpu", "cuda") for p in params
         )
     optimizer = torch.optim.AdamW(
-        params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, fused=fused or None
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, fused=fused
     )
     if fused:
         optimizer.register_step_post_hook(_bump_versions)

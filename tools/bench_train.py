@@ -24,8 +24,8 @@ What it does
 
     Memory mode (``--memory``). A 1-layer Qwen2 (hidden 64) at each vocabulary of ``--vocabs`` and each
     ``micro_batch_max_tokens`` of ``--tokens``: 8 prompts x 8 responses x 128 new tokens, transformers engine,
-    no overlong filtering (every response runs through the update), 2 steps, each run in its own memory cgroup (cgroup v1, ``--limit-gb``) so an overrun is OOM-killed there
-    instead of hurting the machine. Prints peak RSS (and the cgroup's peak) per cell; killed runs show ``OOM``.
+    no overlong filtering (every response runs through the update), 2 steps, each run in its own memory cgroup
+    (cgroup v1, ``--limit-gb``) so an overrun is OOM-killed there instead of hurting the machine. Prints peak RSS (and the cgroup's peak) per cell; killed runs show ``OOM``.
 
 How to run
     python tools/bench_train.py --peer trl                                  # both models, both engines, TRL
